@@ -1,0 +1,50 @@
+"""The single entry point: `sparse-circuits COMMAND [--config FILE] [flags]`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .config import ConfigError, add_config_arguments, config_from_args
+from .io import RunDirError
+
+# command -> (module, config class, run function, one-line help). Modules load lazily so
+# `--help` stays fast and a stage's heavy imports cost only that stage.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "train-toy": ("sparse_circuits.sparse_attention.train", "ToyTrainConfig", "train_toy", "train a small model on a toy task"),
+    "pretrain": ("sparse_circuits.sparse_attention.train", "PretrainConfig", "pretrain", "train a small LM on a text corpus"),
+    "sparsify": ("sparse_circuits.sparse_attention.sparsify", "SparsifyConfig", "sparsify", "sparse attention post-training"),
+    "quickstart": ("sparse_circuits.quickstart", "QuickstartConfig", "quickstart", "the whole pipeline on the toy task"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-circuits", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, config_name, _run, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_config_arguments(p, getattr(importlib.import_module(module), config_name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    module, config_name, run_name, _ = COMMANDS[args.command]
+    mod = importlib.import_module(module)
+    try:
+        config = config_from_args(getattr(mod, config_name), args)
+        result = getattr(mod, run_name)(config)
+    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
+        print(f"sparse-circuits {args.command}: error: {e}", file=sys.stderr)  # noqa: T201
+        return 2
+    if result is not None:
+        print(f"wrote {result}")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

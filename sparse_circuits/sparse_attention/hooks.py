@@ -1,0 +1,58 @@
+"""Reading and overwriting a model's HookPoints for the length of a `with` block."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .model import HookPoint
+
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def _resolve(model: nn.Module, names: Iterable[str]) -> dict[str, HookPoint]:
+    points = {n: m for n, m in model.named_modules() if isinstance(m, HookPoint)}
+    missing = [n for n in names if n not in points]
+    if missing:
+        raise KeyError(f"no hook point named {missing[0]!r}; known points look like {next(iter(points), '')!r}")
+    return {n: points[n] for n in names}
+
+
+@contextmanager
+def hooks(model: nn.Module, fns: dict[str, HookFn]):
+    """Run `fn(value)` at each named point; a returned tensor replaces the value."""
+    handles = [
+        point.register_forward_hook(lambda _m, _inp, out, fn=fn: fn(out))
+        for point, fn in zip(_resolve(model, fns).values(), fns.values(), strict=True)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture(model: nn.Module, names: Iterable[str], detach: bool = True):
+    """Collect the values at `names` into the yielded dict."""
+    names = list(names)
+    store: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> HookFn:
+        def record(x: torch.Tensor) -> None:
+            store[name] = x.detach() if detach else x
+
+        return record
+
+    with hooks(model, {n: recorder(n) for n in names}):
+        yield store
+
+
+@contextmanager
+def freeze(model: nn.Module, values: dict[str, torch.Tensor]):
+    """Replace each named value by a fixed tensor (no gradient flows through it)."""
+    with hooks(model, {n: (lambda _x, v=v.detach(): v) for n, v in values.items()}):
+        yield
