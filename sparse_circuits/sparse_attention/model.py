@@ -359,7 +359,10 @@ class Transformer(nn.Module):
             return None
         angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.rope_inv_freq)  # T,D/2
         angles = torch.cat((angles, angles), dim=-1)  # T,D
-        return angles.cos(), angles.sin()
+        # Angles in fp32 for accuracy, cos/sin in the weights' dtype (as the reference) so that
+        # a bf16/fp16 model's q and k keep their dtype.
+        dtype = self.embed.weight.dtype
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         B, T = tokens.shape
