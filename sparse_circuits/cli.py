@@ -10,8 +10,8 @@ import sys
 from .config import ConfigError, add_config_arguments, config_from_args
 from .io import RunDirError
 
-# command -> (module, config class, run function, one-line help). Modules load lazily so
-# `--help` stays fast and a stage's heavy imports cost only that stage.
+# command -> (module, config class, run function, one-line help). A stage's module is imported
+# only when that stage runs, so its heavy imports cost only that stage.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train-toy": ("sparse_circuits.sparse_attention.train", "ToyTrainConfig", "train_toy", "train a small model on a toy task"),
     "pretrain": ("sparse_circuits.sparse_attention.train", "PretrainConfig", "pretrain", "train a small LM on a text corpus"),
@@ -20,18 +20,22 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported to build its flags."""
     parser = argparse.ArgumentParser(prog="sparse-circuits", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, config_name, _run, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        add_config_arguments(p, getattr(importlib.import_module(module), config_name))
+        if name == command:
+            add_config_arguments(p, getattr(importlib.import_module(module), config_name))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     module, config_name, run_name, _ = COMMANDS[args.command]
     mod = importlib.import_module(module)

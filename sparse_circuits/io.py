@@ -111,7 +111,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=root))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        # clone: tied weights share storage, which safetensors refuses
+        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
         torch.save(state, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)

@@ -34,6 +34,11 @@ def save_model(model: Transformer, out: str | os.PathLike, tokenizer: Tokenizer 
     return out
 
 
+def is_own_model_dir(path: str | os.PathLike) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and read_json(config).get("format") == FORMAT
+
+
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     raw = read_json(Path(path) / "config.json")
     if raw.get("format") != FORMAT:

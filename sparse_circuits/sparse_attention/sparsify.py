@@ -1,0 +1,210 @@
+"""Sparse attention post-training (arXiv 2512.05865): make a trained model's attention sparse
+while keeping its loss.
+
+    minimise   R(θ) = mean expected open fraction of causal edges
+    subject to CE(θ) ≤ τ,   τ = max((1 + rel) · CE_dense, CE_dense + abs) on held-out data
+
+    L = R + λ · (CE − τ)  [+ w · KL(dense ‖ model)]
+    λ ← clamp(λ · exp(clamp(η · EMA(CE − τ), ±max_log_step)), λ_min, λ_max)   (GECO-style)
+
+The gate offset b starts high (gates open) and is annealed to 0. The schedules are pure
+functions of the step, and λ with its EMA is checkpointed, so a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from ..io import claim_run_dir, write_json
+from .connectivity import evaluate
+from .hooks import capture
+from .data import DataSpec, TokenData, load_token_data, save_data_spec
+from .model import GateConfig, Transformer
+from .modeldir import load_model, save_model
+from .plots import plot_attention_patterns
+from .training import OptimConfig, autocast, run_training
+
+log = logging.getLogger(__name__)
+
+
+class SparsifyConfig(OptimConfig):
+    """`sparsify`: gated sparse attention post-training of a trained model."""
+
+    model: Path = Field(description="Model directory (ours or a Hugging Face checkpoint).")
+    out: Path = Field(description="Sparsified model directory to write.")
+    data: list[str] | None = Field(
+        None, description="Corpus to train on (files, folders, 'stdlib', a hub name); default: the model's own data."
+    )
+    context_length: int | None = Field(None, gt=1, description="Context length; default: the model's data's.")
+    steps: int = Field(1500, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(3e-4, gt=0, description="The biggest lever: too high and the noisy-gate CE spikes.")
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: constant after warm-up.")
+    gate_offset_start: float = Field(3.0, description="Gate offset b at step 0 (gates start open).")
+    gate_offset_anneal: float = Field(0.5, gt=0, le=1, description="Fraction of steps over which b goes to 0.")
+    lambda_init: float = Field(1.0, gt=0, description="Initial Lagrange multiplier on CE − τ.")
+    lambda_lr: float = Field(1.0, gt=0, description="η: multiplicative λ update rate.")
+    lambda_ema: float = Field(0.99, ge=0, lt=1, description="EMA decay of the constraint CE − τ.")
+    lambda_min: float = Field(1e-3, gt=0)
+    lambda_max: float = Field(1e4, gt=0)
+    lambda_max_log_step: float = Field(0.05, gt=0, description="Largest change of log λ in one step.")
+    tolerance_rel: float = Field(0.02, ge=0, description="τ = max((1+rel)·CE_dense, CE_dense+abs).")
+    tolerance_abs: float = Field(0.01, ge=0, description="Absolute floor of the tolerance, in nats.")
+    distill_weight: float = Field(0.0, ge=0, description="Weight of KL(dense ‖ sparse) distillation; 0 disables.")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank (peft) for models too big to fine-tune whole; 0 = full.")
+    eval_sequences: int = Field(512, gt=0, description="Held-out sequences for τ and the final metrics.")
+    eval_batch_size: int = Field(64, gt=0)
+    figure_index: int = Field(0, ge=0, description="Held-out sequence drawn in attention_patterns.png.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SparsifyConfig:
+        if self.lambda_min > self.lambda_max:
+            raise ValueError("lambda_min is larger than lambda_max")
+        return self
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def gate_offset_at(step: int, *, start: float, anneal_steps: int) -> float:
+    """Linear from `start` to 0 over `anneal_steps`, then 0."""
+    return start * max(0.0, 1.0 - step / max(anneal_steps, 1))
+
+
+def tolerance(dense_ce: float, rel: float, abs_: float) -> float:
+    """τ: a relative tolerance with an absolute floor, since a near-zero CE has noise above 2 % of it."""
+    return max((1 + rel) * dense_ce, dense_ce + abs_)
+
+
+def update_lambda(lam: float, ema: float, violation: float, cfg: SparsifyConfig) -> tuple[float, float]:
+    """One GECO step: EMA of CE − τ, then a bounded multiplicative change of λ."""
+    ema = cfg.lambda_ema * ema + (1 - cfg.lambda_ema) * violation
+    log_step = max(-cfg.lambda_max_log_step, min(cfg.lambda_max_log_step, cfg.lambda_lr * ema))
+    lam = min(cfg.lambda_max, max(cfg.lambda_min, lam * math.exp(log_step)))
+    return lam, ema
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _wrap_lora(model: Transformer, rank: int) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415  (optional dependency)
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
+
+
+def sparsify(cfg: SparsifyConfig) -> Path:
+    out = claim_run_dir(cfg.out, "sparsify", cfg.model_dump(mode="json"))
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    model, tokenizer = load_model(cfg.model, device)
+    if model.cfg.gate is not None:
+        raise ValueError(f"{cfg.model} is already sparsified; post-train the dense model it came from")
+    data = _data_for(cfg)
+    if data.context_length > model.cfg.context_length:
+        raise ValueError(f"context length {data.context_length} is longer than the model's {model.cfg.context_length}")
+    task = data.spec.task
+    held_x, held_y = data.heldout_inputs[: cfg.eval_sequences], data.heldout_targets[: cfg.eval_sequences]
+
+    model.set_gate("off")
+    dense = evaluate(model, held_x, held_y, batch_size=cfg.eval_batch_size, task=task)
+    tau = tolerance(dense["loss"], cfg.tolerance_rel, cfg.tolerance_abs)
+    log.info("dense held-out CE %.4f, τ = %.4f", dense["loss"], tau)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill_weight > 0 else None
+    sample = held_x[cfg.figure_index % held_x.shape[0]].unsqueeze(0)
+    dense_patterns = _patterns(model, sample)
+
+    trainee: torch.nn.Module = _wrap_lora(model, cfg.lora_rank) if cfg.lora_rank else model
+    state = {"lambda": cfg.lambda_init, "ema": 0.0}
+    anneal_steps = int(cfg.gate_offset_anneal * cfg.steps)
+
+    def step_fn(step: int) -> dict[str, float]:
+        offset = gate_offset_at(step, start=cfg.gate_offset_start, anneal_steps=anneal_steps)
+        model.set_gate("stochastic", offset)
+        x, y = data.batch(step, cfg.batch_size, cfg.seed)
+        x, y = x.to(device), y.to(device)
+        with autocast(cfg.device):
+            o = trainee(x, y)
+            expected = torch.stack([s.expected_open for s in o.gate_stats])  # L,B,H
+            open_fraction = expected.mean()
+            loss = open_fraction + state["lambda"] * (o.loss - tau)
+            kl = torch.zeros(())
+            if teacher is not None:
+                teacher.set_gate("off")
+                with torch.no_grad():
+                    t_logits = teacher(x).logits
+                kl = F.kl_div(o.logits.float().log_softmax(-1), t_logits.float().log_softmax(-1), log_target=True, reduction="batchmean") / x.shape[1]
+                loss = loss + cfg.distill_weight * kl
+        loss.backward()
+        ce = o.loss.item()
+        lam_used = state["lambda"]
+        state["lambda"], state["ema"] = update_lambda(state["lambda"], state["ema"], ce - tau, cfg)
+        T = x.shape[1]
+        hard_edges = torch.stack([s.open_edges for s in o.gate_stats]).double()  # L,B,H
+        return {
+            "ce": ce,
+            "tau": tau,
+            "lambda": lam_used,
+            "constraint_ema": state["ema"],
+            "gate_offset": offset,
+            "open": open_fraction.item(),
+            "hard_connectivity": (hard_edges / (T * (T + 1) / 2)).mean().item(),
+            "keys_per_query": (hard_edges / T).mean().item(),
+            "kl": kl.item(),
+        }
+
+    run_training(model=trainee, cfg=cfg, out=out, step_fn=step_fn, extra_state=state, desc=f"sparsify {out.name}")
+    if cfg.lora_rank:
+        model = trainee.merge_and_unload()
+
+    model.cfg = model.cfg.model_copy(update={"gate": GateConfig(offset=0.0)})
+    model.set_gate("hard", 0.0)
+    sparse = evaluate(model, held_x, held_y, batch_size=cfg.eval_batch_size, task=task)
+    metrics = {
+        "dense_loss": dense["loss"],
+        "tau": tau,
+        **sparse,
+        "lambda": state["lambda"],
+        "steps": cfg.steps,
+    }
+    if task is not None:
+        metrics["dense_accuracy"] = dense["accuracy"]
+    save_model(model, out, tokenizer or data.tokenizer, metrics=metrics)
+    save_data_spec(out, data.spec)
+    plot_attention_patterns(
+        dense_patterns,
+        _patterns(model, sample),
+        out / "attention_patterns.png",
+        tokens=[data.tokenizer.id_to_token(int(t)) for t in sample[0]],
+    )
+    write_json(out / "metrics.json", metrics)
+    log.info(
+        "sparse: CE %.4f (dense %.4f), connectivity %.4f, keys/query %.3f",
+        sparse["loss"], dense["loss"], sparse["connectivity"], sparse["keys_per_query"],
+    )
+    return out
+
+
+def _data_for(cfg: SparsifyConfig) -> TokenData:
+    spec = None
+    if cfg.data is not None:
+        spec = DataSpec(corpus=cfg.data, context_length=cfg.context_length, seed=cfg.seed)
+    return load_token_data(cfg.model, spec, cfg.context_length)
+
+
+@torch.no_grad()
+def _patterns(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Attention patterns of one sequence after the gate: [L, H, T, T]."""
+    names = [f"blocks.{i}.attn.hook_pattern" for i in range(model.cfg.n_layers)]
+    with capture(model, names) as store:
+        model(tokens.to(next(model.parameters()).device))
+    return torch.stack([store[n][0] for n in names]).cpu()

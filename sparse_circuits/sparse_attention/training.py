@@ -1,0 +1,133 @@
+"""The loop every training stage shares: AdamW, warm-up + cosine schedule, clipping,
+autocast where the device supports it, progress bar, JSONL metrics, checkpoints and resume.
+
+A stage supplies `step_fn(step) -> metrics`, which runs forward and backward for one batch;
+batches are a pure function of the step, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+from ..io import append_jsonl, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class OptimConfig(BaseModel):
+    """Optimisation fields shared by the training stages."""
+
+    steps: int = Field(2000, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(64, gt=0, description="Sequences per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+    checkpoint_every: int = Field(250, gt=0, description="Steps between checkpoints.")
+    log_every: int = Field(10, gt=0, description="Steps between metrics.jsonl records.")
+    seed: int = 0
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA; nothing on CPU, where it is slower than fp32."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_training(
+    *,
+    model: torch.nn.Module,
+    cfg: OptimConfig,
+    out: Path,
+    step_fn: Callable[[int], dict[str, float]],
+    extra_state: dict | None = None,
+    desc: str = "train",
+) -> dict[str, float]:
+    """Train `model` for cfg.steps, resuming from `out/checkpoints` if a checkpoint is there.
+
+    `extra_state` (plain numbers, e.g. a Lagrange multiplier) is saved with each checkpoint
+    and restored in place on resume.
+    """
+    extra_state = extra_state if extra_state is not None else {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        fused=torch.device(cfg.device).type == "cuda",
+    )
+    ckpt_root, log_path = out / "checkpoints", out / "metrics.jsonl"
+    start = 0
+    resumed = load_checkpoint(ckpt_root)
+    if resumed is not None:
+        tensors, state = resumed
+        model.load_state_dict(tensors)
+        optimizer.load_state_dict(state["optimizer"])
+        extra_state.update(state["extra"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        _truncate_log(log_path, start)
+        log.info("resumed %s from step %d", out, start)
+    elif log_path.exists():
+        log_path.unlink()
+
+    def checkpoint(step: int) -> None:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "extra": dict(extra_state), "rng": torch.get_rng_state()}
+        save_checkpoint(ckpt_root, step, model.state_dict(), state)
+
+    metrics: dict[str, float] = {}
+    model.train()
+    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        metrics = step_fn(step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            record = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **metrics}
+            append_jsonl(log_path, record)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "ce", "lambda", "open")})
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            checkpoint(step + 1)
+    bar.close()
+    model.eval()
+    return metrics
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Drop records past the checkpoint we resume from, so the log has each step once."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < start:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut short by the kill
+    path.write_text("".join(line + "\n" for line in keep))
