@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from ..io import append_jsonl, load_checkpoint, save_checkpoint
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 class OptimConfig(BaseModel):
     """Optimisation fields shared by the training stages."""
+
+    model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(2000, gt=0, description="Optimiser steps.")
     batch_size: int = Field(64, gt=0, description="Sequences per step.")
