@@ -184,22 +184,30 @@ def gated_attention_core(
     """One layer's gated attention: returns (output B,H,T,D, pattern B,H,T,S, expected_open B,H).
 
     Holds this layer's T x T tensors only; callers checkpoint it so backward recomputes them
-    instead of keeping every layer's.
+    instead of keeping every layer's. T x T steps run in place wherever the backward does not
+    need the overwritten value (the same arithmetic, so the same results), which keeps the
+    recomputation's peak near the tensors backward saves.
     """
     T, S = q.shape[-2], k.shape[-2]
     causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # B,H,T,S
-    scores = scores.masked_fill(~causal, float("-inf"))
+    scores = (q @ k.transpose(-1, -2)).div_(math.sqrt(q.shape[-1]))  # B,H,T,S
+    scores.masked_fill_(~causal, float("-inf"))
     p = scores.softmax(-1)  # the ordinary causal softmax over all keys
     if mode == "off":
         return p @ v, p, scores.new_zeros(scores.shape[:2])
-    g = scores + offset  # gate logit; -inf off the causal mask, so closed there
+    # Gate logit, in place: softmax's backward needs its output only. -inf off the causal
+    # mask, so closed there.
+    g = scores.add_(offset)
+    del scores
     expected_open = torch.sigmoid(g).sum((-1, -2)) / causal_pair_count(T)  # B,H
     if mode == "stochastic":
         u = torch.rand_like(g).clamp_(1e-6, 1 - 1e-6)
-        noisy = g + (u.log() - (-u).log1p())  # logistic noise
+        log1m_u = u.neg().log1p_()
+        noisy = g.add_(u.log_().sub_(log1m_u))  # g + logistic noise log(u) - log(1 - u)
+        del g, u, log1m_u
         soft = torch.sigmoid(noisy)
-        z = (noisy > 0).to(soft.dtype) + soft - soft.detach()  # straight-through
+        z = (noisy > 0).to(soft.dtype).add_(soft).sub_(soft.detach())  # straight-through
+        del noisy
     else:
         z = (g > 0).to(p.dtype)
     pattern = p * z  # not renormalised: a query with no open key outputs 0

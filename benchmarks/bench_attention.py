@@ -1,0 +1,307 @@
+"""Gated sparse attention against dense SDPA: forward+backward time and peak memory.
+
+What is compared, side by side in one run, on the same weights and the same input:
+  dense  - gate mode "off": `F.scaled_dot_product_attention(is_causal=True)` (never holds T x T)
+  gated  - gate mode "stochastic" (the post-training mode): the checkpointed
+           `gated_attention_core`, which materialises this layer's T x T tensors
+Rows:
+  layer  - one `CausalSelfAttention` (projections included), fwd + bwd of x -> out
+  model  - a small `Transformer` (4 layers by default), fwd + bwd of the next-token loss;
+           a third variant, "gated, no ckpt", runs the same gated core without the
+           activation checkpoint, to show what the checkpoint saves: with it, peak memory
+           grows by about one layer's T x T working set; without it, by L layers' saved T x T
+           tensors.
+
+Time: median wall time of fwd+bwd over `repeats` runs after one warm-up, the variants
+interleaved run by run so a neighbour's load on a shared machine hits them alike.
+
+Peak memory, in bytes held by tensors allocated during one fwd+bwd (weights, input and
+the upstream gradient exist beforehand and are not counted; parameter gradients are):
+  cuda - torch.cuda.max_memory_allocated() minus memory_allocated() before the step.
+  cpu  - the allocator's own record. With `torch.profiler` memory profiling on, torch's CPU
+         allocator reports every allocation and free (size and address) to the profiler,
+         op-internal scratch buffers included; the running sum of those records over the
+         step is the bytes held at each moment, and its maximum is the peak. This counts what
+         tensors hold, not what malloc keeps cached, so it is the CPU analogue of
+         max_memory_allocated and does not depend on glibc's arena behaviour. The memory
+         pass is separate from the timed runs (the profiler slows ops down).
+Memory is also given in units of one layer's T x T fp32 tensor (B*H*T*T*4 bytes), which is
+what the gated path adds over dense.
+
+Run from the repository root:
+    python benchmarks/bench_attention.py                      # CPU defaults, 1-3 min on 2 cores
+    python benchmarks/bench_attention.py --device cuda --batch 8 --d-model 768 --heads 12
+Writes benchmarks/results/attention.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparse_circuits.io import write_json  # noqa: E402
+from sparse_circuits.sparse_attention import model as model_module  # noqa: E402
+from sparse_circuits.sparse_attention.model import (  # noqa: E402
+    CausalSelfAttention,
+    ModelConfig,
+    Transformer,
+)
+
+MiB = 2**20
+DEFAULT_REPEATS = {256: 10, 1024: 5, 2048: 3}  # fewer at long T keeps a 2-core run near 3 min
+MODEL_REPEATS = 3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 2048])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=4, help="layers of the whole-model row")
+    ap.add_argument(
+        "--model-seq-len", type=int, default=1024, help="T of the whole-model row (0 skips it)"
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per variant (default: 10/5/3 by T for a layer, 3 for the model)",
+    )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "attention.json"
+    )
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_side_by_side(
+    steps: dict[str, Callable[[], None]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per step for each variant; one warm-up each, then runs interleaved."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes held by tensors allocated during `step` (see the module docstring)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for e in sorted(records, key=lambda e: e.start_ns()):
+        held += e.nbytes()  # + on allocation, - on free
+        peak = max(peak, held)
+    return peak
+
+
+@contextlib.contextmanager
+def no_activation_checkpoint():
+    """Run the gated core without torch.utils.checkpoint: every layer keeps its T x T saves."""
+    original = model_module.checkpoint
+    model_module.checkpoint = lambda fn, *args, use_reentrant: fn(*args)
+    try:
+        yield
+    finally:
+        model_module.checkpoint = original
+
+
+def fwd_bwd(run: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], None]:
+    """One forward+backward; gradients start unallocated so every step counts them alike."""
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        run().backward()
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+# ----------------------------------------------------------------------------- the rows
+
+
+def make_config(args: argparse.Namespace, context_length: int, n_layers: int) -> ModelConfig:
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=256,  # small, so the logits do not hide the attention in the model row
+        n_layers=n_layers,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        d_mlp=4 * args.d_model,
+        context_length=context_length,
+    )
+
+
+def tt_bytes(args: argparse.Namespace, T: int, dtype: torch.dtype) -> int:
+    """Bytes of one layer's T x T attention tensor, B*H*T*T."""
+    return args.batch * args.heads * T * T * dtype.itemsize
+
+
+def bench_layer(args, T: int, device: torch.device, dtype: torch.dtype) -> dict:
+    torch.manual_seed(args.seed)
+    attn = CausalSelfAttention(make_config(args, T, 1)).to(device, dtype)
+    x = torch.randn(args.batch, T, args.d_model, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    params = [x, *attn.parameters()]
+
+    def variant(mode: str) -> Callable[[], None]:
+        def run() -> torch.Tensor:
+            attn.gate_mode = mode
+            return (attn(x, None) * grad_out).sum()  # backward seeds d out = grad_out
+
+        return fwd_bwd(run, params)
+
+    steps = {"dense": variant("off"), "gated": variant("stochastic")}
+    repeats = args.repeats or DEFAULT_REPEATS.get(T, 3)
+    seconds = time_side_by_side(steps, repeats, device)
+    peaks = {name: peak_bytes(step, device) for name, step in steps.items()}
+    return row("layer", T, repeats, seconds, peaks, tt_bytes(args, T, dtype))
+
+
+def bench_model(args, T: int, device: torch.device, dtype: torch.dtype) -> dict:
+    torch.manual_seed(args.seed)
+    model = Transformer(make_config(args, T, args.layers)).to(device, dtype)
+    tokens = torch.randint(0, 256, (args.batch, T + 1), device=device)
+    params = list(model.parameters())
+
+    def variant(mode: str, ckpt: bool = True) -> Callable[[], None]:
+        def run() -> torch.Tensor:
+            model.set_gate(mode, offset=0.0)
+            with contextlib.nullcontext() if ckpt else no_activation_checkpoint():
+                return model(tokens[:, :-1], tokens[:, 1:]).loss
+
+        return fwd_bwd(run, params)
+
+    steps = {
+        "dense": variant("off"),
+        "gated": variant("stochastic"),
+        "gated, no ckpt": variant("stochastic", ckpt=False),
+    }
+    repeats = args.repeats or MODEL_REPEATS
+    seconds = time_side_by_side(steps, repeats, device)
+    peaks = {name: peak_bytes(step, device) for name, step in steps.items()}
+    return row(
+        f"model ({args.layers} layers)", T, repeats, seconds, peaks, tt_bytes(args, T, dtype)
+    )
+
+
+def row(what: str, T: int, repeats: int, seconds: dict, peaks: dict, tt: int) -> dict:
+    return {
+        "what": what,
+        "T": T,
+        "repeats": repeats,
+        "seconds": seconds,
+        "peak_bytes": peaks,
+        "tt_bytes": tt,
+        "time_ratio": {k: seconds[k] / seconds["dense"] for k in seconds if k != "dense"},
+        "memory_ratio": {k: peaks[k] / peaks["dense"] for k in peaks if k != "dense"},
+        "extra_over_dense_tt": {k: (peaks[k] - peaks["dense"]) / tt for k in peaks if k != "dense"},
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| what | T | variant | fwd+bwd ms | time ratio | peak MiB | memory ratio | peak / T×T |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        for name in r["seconds"]:
+            time_ratio = r["time_ratio"].get(name, 1.0)
+            mem_ratio = r["memory_ratio"].get(name, 1.0)
+            lines.append(
+                f"| {r['what']} | {r['T']} | {name} | {1e3 * r['seconds'][name]:.1f} "
+                f"| {time_ratio:.2f} | {r['peak_bytes'][name] / MiB:.1f} | {mem_ratio:.2f} "
+                f"| {r['peak_bytes'][name] / r['tt_bytes']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    rows = []
+    for T in args.seq_lens:
+        rows.append(bench_layer(args, T, device, dtype))
+        print(f"layer T={T} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    if args.model_seq_len:
+        rows.append(bench_model(args, args.model_seq_len, device, dtype))
+    setup = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "d_model": args.d_model,
+        "heads": args.heads,
+        "layers": args.layers,
+        "memory_method": "cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "profiler allocator records",
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    write_json(args.out, {"setup": setup, "rows": rows})
+    print(
+        f"{setup['device_name']}, torch {setup['torch']}, {setup['threads']} threads, {args.dtype}, "
+        f"B={args.batch} d_model={args.d_model} H={args.heads}; ratios are variant / dense\n"
+    )
+    print(markdown(rows))
+    for r in rows:
+        extra = ", ".join(f"{k} +{v:.1f}" for k, v in r["extra_over_dense_tt"].items())
+        print(f"\n{r['what']}, T={r['T']}: peak over dense, in T×T units: {extra}", end="")
+    print()
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
