@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train-toy": ("sparse_circuits.sparse_attention.train", "ToyTrainConfig", "train_toy", "train a small model on a toy task"),
     "pretrain": ("sparse_circuits.sparse_attention.train", "PretrainConfig", "pretrain", "train a small LM on a text corpus"),
     "sparsify": ("sparse_circuits.sparse_attention.sparsify", "SparsifyConfig", "sparsify", "sparse attention post-training"),
+    "attribute": ("sparse_circuits.attribution.attribute", "AttributeConfig", "run_attribute", "compute an attribution graph"),
     "quickstart": ("sparse_circuits.quickstart", "QuickstartConfig", "quickstart", "the whole pipeline on the toy task"),
 }
 

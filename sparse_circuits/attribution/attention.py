@@ -1,0 +1,298 @@
+"""Attention attribution: which heads carry each cross-position edge, and why a head attends.
+
+Shape letters: P edges, L layers, H query heads, K key/value heads, D head dim, T positions.
+
+Head loadings. In the linear replacement model an edge from a source at position p to a
+target at position i > p is a sum over paths, and every path reaches i through attention
+(attention moves information only forwards, so a path never leaves i once there). Each path
+has one last hop into i: head h of layer j moving q' -> i (q' < i), after which it stays at
+i. Grouping paths by that hop splits the edge exactly:
+    edge = Σ_{j,h} loading_{j,h}
+    loading_{j,h} = Σ_{q'<i} (source's direct effect on v_h^j[q']) · P_h^j[i,q'] · ∂target/∂z_h^j[i]|stay
+where ∂target/∂z|stay is the gradient along paths that stay at i after layer j: a backward
+pass with every pattern cut to its diagonal. A second, full backward from layer j's values
+then gives every source's loading at once. For a single-hop path q' = p.
+
+QK attribution. With patterns, norm scales and MLP outputs frozen, a head's query at i and
+key at j are affine in the nodes: q = Σ_n c_n + q_bias, k = Σ_m c_m + k_bias, where c_n is
+node n's direct contribution and the bias terms collect what no node explains (decoder,
+norm and projection biases). The score q·k/√D is then exactly Σ_{n,m} c_n·c_m/√D over
+query-side x key-side nodes, bias included. In a sparsified model the gate of that edge is
+open when score + offset > 0: the terms say why it is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..clt.model import CrossLayerTranscoder
+from ..sparse_attention.model import Transformer
+from .frozen import FrozenGraph, Tap
+from .graph import Graph, embedding_node_id, error_node_id, feature_node_id
+from .prune import PruneResult, count_for_coverage
+from .replacement import PromptRun, ReplacementModel
+from .sources import SourceTable
+
+
+class HeadLoadings(NamedTuple):
+    edges: torch.Tensor  # P  indices into the graph's edges (cross-position ones)
+    loadings: torch.Tensor  # P,L,H  sums to each edge's weight over (L, H)
+
+
+class HeadSummary(NamedTuple):
+    coverage: float
+    n_heads: int  # heads needed to hold `coverage` of the attention-mediated attribution
+    total_heads: int
+    shares: torch.Tensor  # L,H  each head's share of the attention-mediated attribution
+
+
+class QKAttribution(NamedTuple):
+    layer: int
+    head: int
+    query_pos: int
+    key_pos: int
+    score: float  # q·k/√D on the prompt
+    pattern: float  # the attention weight after the gate
+    query_nodes: list[str]  # node ids ("bias" for what no node explains)
+    key_nodes: list[str]
+    terms: torch.Tensor  # nq,nk  sums to `score`
+
+
+class AttentionAttribution(NamedTuple):
+    loadings: HeadLoadings
+    summary: HeadSummary
+    qk: list[QKAttribution]
+    gate_offset: float | None  # the gate logit is score + offset (sparsified models)
+
+
+# ----------------------------------------------------------------------------- node bookkeeping
+
+
+def graph_columns(graph: Graph, sources: SourceTable, d_features: int) -> torch.Tensor:
+    """The SourceTable column of every non-logit graph node."""
+    T = graph.n_pos
+
+    def keys(f: torch.Tensor) -> torch.Tensor:
+        return (f[:, 0] * T + f[:, 1]) * d_features + f[:, 2]
+
+    feats = torch.searchsorted(keys(sources.features.cpu()), keys(graph.features))
+    rest = torch.arange(graph.logit_offset - graph.error_offset) + sources.error_offset
+    return torch.cat([feats, rest])
+
+
+def column_ids(sources: SourceTable, tokens: torch.Tensor) -> list[str]:
+    """The node id of every SourceTable column."""
+    ids = [feature_node_id(li, f, p) for li, p, f in sources.features.tolist()]
+    ids += [error_node_id(li, p) for li in range(sources.n_layers) for p in range(sources.n_pos)]
+    return ids + [embedding_node_id(t, p) for p, t in enumerate(tokens.tolist())]
+
+
+def target_rows(
+    rm: ReplacementModel, run: PromptRun, graph: Graph, frozen: FrozenGraph, nodes: list[int]
+):
+    """Injections reading each graph target node (a feature or a logit)."""
+    W_U = rm.model.lm_head.weight
+    rows = []
+    for n in nodes:
+        if n >= graph.logit_offset:
+            direction = graph.logit_targets[n - graph.logit_offset].direction(W_U)
+            rows += frozen.logit_rows(direction[None])
+        else:
+            rows += frozen.feature_rows(graph.features[n : n + 1])
+    return rows
+
+
+# ----------------------------------------------------------------------------- head loadings
+
+
+def head_loadings(
+    rm: ReplacementModel,
+    run: PromptRun,
+    sources: SourceTable,
+    graph: Graph,
+    edges: torch.Tensor,
+    batch_size: int = 64,
+) -> HeadLoadings:
+    """Split each of `edges` (cross-position edge indices) into per-(layer, head) loadings."""
+    cfg = rm.cfg
+    L, H, K = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads
+    pos = graph.node_positions()
+    tgt, src = graph.edge_targets[edges], graph.edge_sources[edges]
+    if (pos[src] >= pos[tgt]).any():
+        raise ValueError(
+            "head loadings are defined for cross-position edges (source before target) only"
+        )
+    out = torch.zeros(edges.numel(), L, H, dtype=torch.float32)
+    if edges.numel() == 0:
+        return HeadLoadings(edges, out)
+    targets = tgt.unique()
+    columns = graph_columns(graph, sources, rm.clt.cfg.d_features)
+
+    # Stage 1: ∂target/∂z at the target's position along paths that stay there.
+    stay = FrozenGraph(rm, run, batch_size, patterns="diagonal")
+    dz = torch.zeros(targets.numel(), L, H, cfg.d_head, dtype=run.mlp_out.dtype)  # n,L,H,D
+    z_taps = [Tap("z", j) for j in range(L)]
+    for s in range(0, targets.numel(), batch_size):
+        part = targets[s : s + batch_size].tolist()
+        grads = stay.backward(stay.injections(target_rows(rm, run, graph, stay, part)), wrt=z_taps)
+        rows = torch.arange(len(part))
+        at = pos[torch.tensor(part)]
+        dz[s : s + len(part)] = torch.stack([grads.taps[t][rows, at] for t in z_taps], dim=1).cpu()
+    del stay
+
+    # Stage 2: one row per (target, layer, head) whose last hop can carry something.
+    jobs = []  # (target slot, layer, head)
+    for n, t in enumerate(targets.tolist()):
+        i = int(pos[t])
+        for j in range(L):
+            off_diag = run.patterns[j][:, i, :i].abs().sum(-1)  # H
+            for h in range(H):
+                if off_diag[h] > 0 and dz[n, j, h].any():
+                    jobs.append((n, j, h))
+    edge_slot = torch.searchsorted(targets, tgt)  # which target slot each edge belongs to
+    full = FrozenGraph(rm, run, batch_size)
+    for s in range(0, len(jobs), batch_size):
+        part = jobs[s : s + batch_size]
+        inject: dict[Tap, torch.Tensor] = {}
+        for r, (n, j, h) in enumerate(part):
+            tap = Tap("v", j)
+            if tap not in inject:
+                inject[tap] = full.injection(tap)  # B,K,T,D
+            i = int(pos[targets[n]])
+            weights = run.patterns[j][h, i, :i]  # i
+            inject[tap][r, h // (H // K), :i] += weights[:, None] * dz[n, j, h].to(weights)
+        grads = full.backward(inject)
+        pair_rows, pair_cols, pair_slots = [], [], []
+        for r, (n, j, h) in enumerate(part):
+            e = (edge_slot == n).nonzero().squeeze(1)
+            pair_rows.append(torch.full((e.numel(),), r))
+            pair_cols.append(columns[src[e]])
+            pair_slots.append(torch.stack([e, torch.full_like(e, j), torch.full_like(e, h)], dim=1))
+        rows, cols, slots = torch.cat(pair_rows), torch.cat(pair_cols), torch.cat(pair_slots)
+        values = (
+            sources.pair_values(grads, rows.to(run.tokens.device), cols.to(run.tokens.device))
+            .float()
+            .cpu()
+        )
+        out[slots[:, 0], slots[:, 1], slots[:, 2]] += values
+    return HeadLoadings(edges, out)
+
+
+def head_summary(
+    loadings: HeadLoadings, edge_weights: torch.Tensor, coverage: float = 0.8
+) -> HeadSummary:
+    """Heads ranked by their share of the attention-mediated attribution: each cross-position
+    edge's weight (its influence, say) spread over heads in proportion to |loading|."""
+    P, L, H = loadings.loadings.shape
+    a = loadings.loadings.abs().flatten(1)  # P,L*H
+    share = a / a.sum(1, keepdim=True).clamp(min=1e-30)
+    mass = (edge_weights.float()[:, None] * share).sum(0)  # L*H
+    shares = mass / mass.sum().clamp(min=1e-30)
+    return HeadSummary(coverage, count_for_coverage(mass, coverage), L * H, shares.view(L, H))
+
+
+# ----------------------------------------------------------------------------- QK attribution
+
+
+class QKContext:
+    """What QK attributions on one prompt share: the full frozen graph, the bias-only values."""
+
+    def __init__(
+        self, rm: ReplacementModel, run: PromptRun, sources: SourceTable, batch_size: int = 64
+    ):
+        self.rm, self.run, self.sources = rm, run, sources
+        self.full = FrozenGraph(rm, run, batch_size)
+        bias_run = FrozenGraph(rm, run, 1, sources="bias")
+        self.bias = {t: v.detach() for t, v in bias_run.taps.items()}  # forward values only
+        self.ids = column_ids(sources, run.tokens.cpu())
+
+    def contributions(self, tap: Tap, head: int, pos: int) -> torch.Tensor:
+        """Every node's direct contribution to the D-vector at (tap, head, pos): n_cols,D."""
+        D, B = self.rm.cfg.d_head, self.full.batch_size
+        parts = []
+        for s in range(0, D, B):
+            inject = self.full.injection(tap)
+            dims = torch.arange(s, min(s + B, D))
+            inject[torch.arange(dims.numel()), head, pos, dims] = 1.0
+            parts.append(self.sources.row_values(self.full.backward({tap: inject}))[: dims.numel()])
+        return torch.cat(parts).T
+
+    def attribute(self, layer: int, head: int, query_pos: int, key_pos: int) -> QKAttribution:
+        cfg, run = self.rm.cfg, self.run
+        if not (
+            0 <= layer < cfg.n_layers
+            and 0 <= head < cfg.n_heads
+            and 0 <= key_pos <= query_pos < run.n_pos
+        ):
+            raise ValueError(
+                f"no attention edge (layer {layer}, head {head}, query {query_pos}, key {key_pos})"
+            )
+        kv = head // (cfg.n_heads // cfg.n_kv_heads)
+        q_side = torch.cat([self.contributions(Tap("q", layer), head, query_pos),
+                            self.bias[Tap("q", layer)][0, head, query_pos][None]])  # fmt: skip
+        k_side = torch.cat([self.contributions(Tap("k", layer), kv, key_pos),
+                            self.bias[Tap("k", layer)][0, kv, key_pos][None]])  # fmt: skip
+        ids = [*self.ids, "bias"]
+        q_nodes = (q_side != 0).any(1).nonzero().squeeze(1)
+        k_nodes = (k_side != 0).any(1).nonzero().squeeze(1)
+        terms = (q_side[q_nodes] @ k_side[k_nodes].T).float() / math.sqrt(cfg.d_head)
+        score = float(
+            run.queries[layer][head, query_pos] @ run.keys[layer][kv, key_pos]
+        ) / math.sqrt(cfg.d_head)
+        return QKAttribution(
+            layer, head, query_pos, key_pos, score, float(run.patterns[layer][head, query_pos, key_pos]),
+            [ids[n] for n in q_nodes.tolist()], [ids[n] for n in k_nodes.tolist()], terms.cpu(),
+        )  # fmt: skip
+
+
+def carrying_edges(
+    graph: Graph, run: PromptRun, loadings: HeadLoadings, edge_weights: torch.Tensor, top: int
+):
+    """Open attention edges (layer, head, query i, key p) that carry a graph edge's direct hop
+    from its source's position p to its target's i, ranked by the attribution they carry."""
+    pos = graph.node_positions()
+    carried: dict[tuple[int, int, int, int], float] = {}
+    a = loadings.loadings.abs()
+    share = a / a.flatten(1).sum(1).clamp(min=1e-30)[:, None, None]
+    for n, e in enumerate(loadings.edges.tolist()):
+        i, p = int(pos[graph.edge_targets[e]]), int(pos[graph.edge_sources[e]])
+        for j, h in (share[n] > 0).nonzero().tolist():
+            if run.patterns[j][h, i, p] > 0:
+                key = (j, h, i, p)
+                carried[key] = carried.get(key, 0.0) + float(edge_weights[n] * share[n, j, h])
+    return sorted(carried, key=carried.get, reverse=True)[:top]
+
+
+def attention_attribution(
+    *,
+    model: Transformer,
+    clt: CrossLayerTranscoder,
+    graph: Graph,
+    pruned: PruneResult,
+    batch_size: int = 64,
+    qk_edges: int = 0,
+    coverage: float = 0.8,
+) -> AttentionAttribution:
+    """Head loadings of the pruned graph's cross-position edges, the head summary (weights:
+    the edges' influence in the pruned graph), and QK attributions of the `qk_edges` open
+    attention edges carrying most of it."""
+    rm = ReplacementModel(model, clt)
+    run = rm.run_prompt(graph.tokens)
+    sources = SourceTable(rm, run)
+    pos = graph.node_positions()
+    cross = pruned.edge_mask & (pos[graph.edge_sources] < pos[graph.edge_targets])
+    edges = cross.nonzero().squeeze(1)
+    loadings = head_loadings(rm, run, sources, graph, edges, batch_size)
+    weights = pruned.pruned_edge_scores[edges]
+    summary = head_summary(loadings, weights, coverage)
+    qk = []
+    if qk_edges > 0 and edges.numel():
+        ctx = QKContext(rm, run, sources, batch_size)
+        qk = [
+            ctx.attribute(*hop) for hop in carrying_edges(graph, run, loadings, weights, qk_edges)
+        ]
+    offset = model.blocks[0].attn.gate_offset if model.gate_mode != "off" else None
+    return AttentionAttribution(loadings, summary, qk, offset)

@@ -1,0 +1,333 @@
+"""Attribution graphs: the public function `attribute` and the CLI stage `attribute`.
+
+Phases (circuit-tracer's):
+  1. the prompt run: one clean forward pass, split into CLT terms        (replacement.py)
+  2. the linear replacement model, one batched forward kept for every backward pass (frozen.py)
+  3. logit rows: each logit target's direct effects from every source   (sources.py)
+  4. feature rows, in order of estimated influence on the logits, until `max_feature_nodes`
+  5. the graph: rows of the visited features and the logits, columns restricted to visited
+     features, errors and embeddings (graph.py)
+Rows are stored sparse (exact zeros dropped: in a sparsified model every closed attention edge
+gives some) and influence is estimated on the edge list, never on a dense matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from ..clt.cltdir import load_clt
+from ..clt.model import CrossLayerTranscoder
+from ..io import read_json
+from ..sparse_attention.model import Transformer
+from ..sparse_attention.modeldir import load_model
+from .attention import attention_attribution
+from .frozen import FrozenGraph
+from .graph import Graph, logit_weights
+from .graph_json import write_graph_json
+from .inputs import TargetSpec, decode_tokens, resolve_targets, tokenize_prompt
+from .prune import graph_scores, propagate, prune
+from .replacement import ReplacementModel
+from .sources import SourceTable
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class _Rows:
+    """Attribution rows computed so far: sparse chunks over the columns of a SourceTable.
+
+    Row nodes live in the exploration's node space: columns [0, n_cols) (features, errors,
+    embeddings) followed by the logit targets."""
+
+    def __init__(self, n_cols: int):
+        self.n_cols = n_cols
+        self.nodes: list[torch.Tensor] = []  # per chunk: the row's node
+        self.abs_sums: list[torch.Tensor] = []
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (row, col, value)
+        self.n_rows = 0
+        self._cat: tuple[torch.Tensor, ...] | None = None
+
+    def add(self, nodes: torch.Tensor, values: torch.Tensor) -> None:
+        r, c = values.nonzero(as_tuple=True)
+        self.chunks.append(
+            ((r + self.n_rows).int().cpu(), c.int().cpu(), values[r, c].float().cpu())
+        )
+        self.nodes.append(nodes.int().cpu())
+        self.abs_sums.append(values.abs().sum(1).float().cpu())
+        self.n_rows += nodes.numel()
+        self._cat = None
+
+    def arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, col, value) per entry, then node and |value| sum per row."""
+        if self._cat is None:
+            r, c, v = (torch.cat(x) for x in zip(*self.chunks, strict=True))
+            self.chunks = [(r, c, v)]  # keep one copy
+            self._cat = (r, c, v, torch.cat(self.nodes), torch.cat(self.abs_sums))
+        return self._cat
+
+    def estimated_influence(self, logit_weights: torch.Tensor) -> torch.Tensor:
+        """Influence on the logits of every node, through the rows computed so far.
+
+        Only nodes with rows pass influence on, so the paths are walked on the edges between
+        them (few), and one last pass over all edges spreads it to every column."""
+        r, c, v, nodes, abs_sums = self.arrays()
+        n_nodes = self.n_cols + logit_weights.numel()
+        target = nodes[r]
+        norm_w = v.abs() / abs_sums[r].clamp(min=1e-10)
+        start = torch.zeros(n_nodes)
+        start[self.n_cols :] = logit_weights
+        has_row = torch.zeros(n_nodes, dtype=torch.bool)
+        has_row[nodes] = True
+        inner = has_row[c]
+        total = start + propagate(target[inner], c[inner], norm_w[inner], start)
+        return torch.zeros(n_nodes).index_add_(0, c, total[target] * norm_w)
+
+
+def attribute(
+    *,
+    model: Transformer,
+    clt: CrossLayerTranscoder,
+    prompt: str | Sequence[int] | torch.Tensor,
+    tokenizer: Tokenizer | None = None,
+    targets: Sequence[TargetSpec] | None = None,
+    clt_info: dict | None = None,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = 7500,
+    batch_size: int = 64,
+    update_interval: int = 4,
+    progress: bool = False,
+) -> Graph:
+    """The attribution graph of `prompt` through `model` with its MLPs replaced by `clt`.
+
+    targets: token texts / ids or logit differences (see inputs.py); default: the salient
+    logits. max_feature_nodes: how many active features get rows (None: all), chosen in order
+    of estimated influence, re-estimated after every `update_interval` batches (and at most
+    every 25 % growth of the rows, which bounds the estimates' cost)."""
+    if batch_size < 1 or update_interval < 1:
+        raise ValueError("batch_size and update_interval must be positive")
+    started = time.perf_counter()
+    rm = ReplacementModel(model, clt, clt_info)
+    tokens = tokenize_prompt(prompt, tokenizer)
+    run = rm.run_prompt(tokens)
+    logit_targets = resolve_targets(
+        targets,
+        run.logits[-1],
+        tokenizer,
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+    )
+    sources = SourceTable(rm, run)
+    N = sources.n_features
+    budget = N if max_feature_nodes is None else min(max_feature_nodes, N)
+    log.info(
+        "%d tokens, %d active features (%d get rows), %d logit targets",
+        run.n_pos,
+        N,
+        budget,
+        len(logit_targets),
+    )
+
+    frozen = FrozenGraph(rm, run, batch_size)
+    rows = _Rows(sources.n_cols)
+    W_U = model.lm_head.weight
+    directions = torch.stack([t.direction(W_U) for t in logit_targets])  # n_logits,M
+    for s in range(0, len(logit_targets), batch_size):
+        part = directions[s : s + batch_size]
+        values = sources.row_values(frozen.backward(frozen.injections(frozen.logit_rows(part))))[
+            : part.shape[0]
+        ]
+        rows.add(torch.arange(s, s + part.shape[0]) + sources.n_cols, values)
+
+    weights = logit_weights(logit_targets)
+    visited = torch.zeros(N, dtype=torch.bool)
+    with tqdm(total=budget, desc="feature rows", disable=not progress, unit="row") as bar:
+        while int(visited.sum()) < budget:
+            n_visited = int(visited.sum())
+            if budget == N:
+                pending = (~visited).nonzero().squeeze(1)
+            else:
+                influence = rows.estimated_influence(weights)[:N]
+                ranked = influence.argsort(descending=True)
+                queue = min(max(update_interval * batch_size, n_visited // 4), budget - n_visited)
+                pending = ranked[~visited[ranked]][:queue]
+            for s in range(0, pending.numel(), batch_size):
+                idx = pending[s : s + batch_size]
+                inject = frozen.injections(frozen.feature_rows(sources.features[idx]))
+                values = sources.row_values(frozen.backward(inject))[: idx.numel()]
+                rows.add(idx, values)
+                visited[idx] = True
+                bar.update(idx.numel())
+    del frozen
+
+    graph = _pack(rows, sources, visited, run, rm, logit_targets, tokenizer, prompt)
+    graph.settings = {
+        "max_n_logits": max_n_logits,
+        "desired_logit_prob": desired_logit_prob,
+        "batch_size": batch_size,
+        "max_feature_nodes": max_feature_nodes,
+        "update_interval": update_interval,
+        "dtype": str(rm.dtype).removeprefix("torch."),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return graph
+
+
+def _pack(
+    rows: _Rows, sources: SourceTable, visited, run, rm, logit_targets, tokenizer, prompt
+) -> Graph:
+    """The graph over the visited features: rows remapped, edges from unvisited features dropped."""
+    N = sources.n_features
+    selected = visited.nonzero().squeeze(1)
+    Nf = selected.numel()
+    to_node = torch.full((N,), -1, dtype=torch.long)
+    to_node[selected] = torch.arange(Nf)
+    r, c, v, nodes, _ = rows.arrays()
+    row_node = nodes.long()[r]
+    c = c.long()
+    logit_offset = Nf + sources.n_cols - N
+    target = torch.where(
+        row_node < N, to_node[row_node.clamp(max=N - 1)], row_node - sources.n_cols + logit_offset
+    )
+    source = torch.where(c < N, to_node[c.clamp(max=N - 1)], c - N + Nf)
+    keep = (source >= 0) & (target >= 0)
+    target, source, v = target[keep], source[keep], v[keep]
+    order = torch.argsort(target * (logit_offset + len(logit_targets)) + source)
+    feats = sources.features[selected].cpu()
+    return Graph(
+        prompt=prompt if isinstance(prompt, str) else "",
+        tokens=run.tokens.cpu(),
+        token_strings=decode_tokens(run.tokens, tokenizer),
+        n_layers=rm.cfg.n_layers,
+        vocab_size=rm.cfg.vocab_size,
+        features=feats,
+        activations=sources.activations[selected].float().cpu(),
+        logit_targets=logit_targets,
+        edge_targets=target[order],
+        edge_sources=source[order],
+        edge_weights=v[order],
+        n_active_features=N,
+    )
+
+
+# ----------------------------------------------------------------------------- the CLI stage
+
+
+class AttributeConfig(BaseModel):
+    """`attribute`: the attribution graph of one prompt, with attention attribution, as graph JSON v1."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Path = Field(description="Model directory (ours or a Hugging Face checkpoint dir).")
+    clt: Path = Field(description="CLT directory trained on this model's MLPs.")
+    prompt: str | None = Field(
+        None, description="Prompt text (tokenised with the model's tokenizer)."
+    )
+    prompt_ids: list[int] | None = Field(
+        None, description="The prompt as token ids, instead of text."
+    )
+    out: Path = Field(description="Graph JSON file to write.")
+    targets: list[str] | None = Field(
+        None,
+        description='Logit targets: token texts (JSON-quote to keep spaces: \'" 5"\') or differences (\'" 5" - " 6"\'). '
+        "Default: the salient logits.",
+    )
+    max_n_logits: int = Field(10, gt=0, description="Salient logits: at most this many.")
+    desired_logit_prob: float = Field(
+        0.95, gt=0, le=1, description="Salient logits: until this cumulative probability."
+    )
+    max_feature_nodes: int | None = Field(
+        7500, gt=0, description="Active features that get rows, by estimated influence."
+    )
+    node_threshold: float = Field(
+        0.8, ge=0, le=1, description="Pruning: keep nodes holding this share of influence."
+    )
+    edge_threshold: float = Field(
+        0.98, ge=0, le=1, description="Pruning: keep edges holding this share of influence."
+    )
+    batch_size: int = Field(64, gt=0, description="Rows per backward pass.")
+    update_interval: int = Field(
+        4, gt=0, description="Batches between influence estimates while exploring features."
+    )
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
+        "float32", description="Model and CLT dtype."
+    )
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto.")
+    attention: bool = Field(
+        True, description="Head loadings of cross-position edges, head summary and QK attribution."
+    )
+    qk_edges: int | None = Field(
+        None, ge=0, description="QK attributions of the attention edges carrying most attribution (default: 32 for a "
+        "sparsified model, 0 for a dense one).",
+    )  # fmt: skip
+    slug: str | None = Field(None, description="Graph slug (default: the output file's stem).")
+    scan: str | None = Field(
+        None, description="Model id in the graph's metadata (default: the model dir's name)."
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> AttributeConfig:
+        if (self.prompt is None) == (self.prompt_ids is None):
+            raise ValueError("give exactly one of prompt and prompt_ids")
+        return self
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available")
+    return torch.device(device)
+
+
+def run_attribute(config: AttributeConfig) -> Path:
+    """Load the model and CLT, compute, prune, attribute attention, write the graph JSON."""
+    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+    model, tokenizer = load_model(config.model, device=device)
+    clt = load_clt(config.clt, device=device)
+    clt_info = read_json(Path(config.clt) / "config.json")
+    model, clt = model.to(dtype), clt.to(dtype)
+    prompt = config.prompt if config.prompt is not None else config.prompt_ids
+    graph = attribute(
+        model=model, clt=clt, prompt=prompt, tokenizer=tokenizer, targets=config.targets, clt_info=clt_info,
+        max_n_logits=config.max_n_logits, desired_logit_prob=config.desired_logit_prob,
+        max_feature_nodes=config.max_feature_nodes, batch_size=config.batch_size,
+        update_interval=config.update_interval, progress=True,
+    )  # fmt: skip
+    pruned = prune(graph, config.node_threshold, config.edge_threshold)
+    scores = {"full": graph_scores(graph), "pruned": graph_scores(graph, pruned.edge_mask)}
+    attention = None
+    if config.attention:
+        qk = (
+            config.qk_edges
+            if config.qk_edges is not None
+            else (32 if model.cfg.gate is not None else 0)
+        )
+        attention = attention_attribution(
+            model=model,
+            clt=clt,
+            graph=graph,
+            pruned=pruned,
+            batch_size=config.batch_size,
+            qk_edges=qk,
+        )
+    write_graph_json(
+        config.out, graph, pruned, scores=scores, attention=attention,
+        slug=config.slug or Path(config.out).stem, scan=config.scan or Path(config.model).name,
+        node_threshold=config.node_threshold, edge_threshold=config.edge_threshold,
+    )  # fmt: skip
+    return Path(config.out)

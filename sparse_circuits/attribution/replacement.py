@@ -1,0 +1,189 @@
+"""The replacement model: the model with each MLP output replaced by the CLT's reconstruction
+plus an error term, and the prompt run that fixes everything attribution freezes.
+
+Shape letters: T positions, S key positions, H heads, L layers, M d_model, F features per
+layer, V vocab.
+
+On the prompt, the original model's MLP output at layer l is split exactly into
+    mlp_out_l = Σ_{i≤l} a_i · W_dec[i][:, l-i] + b_dec[l] + error_l
+and `PromptRun` keeps every term, together with the values the linear replacement model
+freezes: attention patterns (for a sparsified model the gated pattern, exactly zero on closed
+edges) and the norms' per-token scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..clt.model import CrossLayerTranscoder
+from ..sparse_attention.hooks import capture
+from ..sparse_attention.model import Transformer
+
+# The hook points our CLTs read and write (clt/train.py records them in the CLT's config.json).
+FEATURE_INPUT_HOOK = "blocks.{layer}.hook_mlp_in"
+FEATURE_OUTPUT_HOOK = "blocks.{layer}.hook_mlp_out"
+
+
+def norm_scale_hooks(n_layers: int) -> list[str]:
+    """Every norm's per-token scale: the nonlinear part of a norm that attribution freezes."""
+    names = [
+        f"blocks.{li}.{n}.hook_scale" for li in range(n_layers) for n in ("attn_norm", "mlp_norm")
+    ]
+    return names + ["final_norm.hook_scale"]
+
+
+def check_compatible(
+    model: Transformer, clt: CrossLayerTranscoder, clt_info: dict | None = None
+) -> None:
+    """Raise a ValueError naming the mismatch if `clt` cannot replace `model`'s MLPs.
+
+    `clt_info` is the CLT dir's config.json (its hook names, when recorded, must be ours)."""
+    mc, cc = model.cfg, clt.cfg
+    if cc.n_layers != mc.n_layers:
+        raise ValueError(f"the CLT has {cc.n_layers} layers but the model has {mc.n_layers}")
+    if cc.d_model != mc.d_model:
+        raise ValueError(
+            f"the CLT reads width {cc.d_model} but the model's d_model is {mc.d_model}"
+        )
+    info = clt_info or {}
+    for key, ours in (
+        ("feature_input_hook", FEATURE_INPUT_HOOK),
+        ("feature_output_hook", FEATURE_OUTPUT_HOOK),
+    ):
+        theirs = info.get(key)
+        if theirs is not None and theirs != ours:
+            raise ValueError(
+                f"the CLT's {key} is {theirs!r}; attribution replaces MLPs read at {FEATURE_INPUT_HOOK!r} "
+                f"and written at {FEATURE_OUTPUT_HOOK!r}"
+            )
+
+
+def check_tokens(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """A prompt as a 1-D long tensor of valid ids no longer than the context."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if tokens.ndim != 1 or tokens.numel() == 0:
+        raise ValueError(
+            f"a prompt is a non-empty 1-D sequence of token ids, got shape {tuple(tokens.shape)}"
+        )
+    T, cfg = tokens.numel(), model.cfg
+    if T > cfg.context_length:
+        raise ValueError(
+            f"the prompt has {T} tokens, more than the model's context length {cfg.context_length}"
+        )
+    bad = tokens[(tokens < 0) | (tokens >= cfg.vocab_size)]
+    if bad.numel():
+        raise ValueError(
+            f"token id {int(bad[0])} is outside the model's vocabulary of {cfg.vocab_size}"
+        )
+    return tokens
+
+
+@dataclass
+class PromptRun:
+    """One clean forward pass of the original model on a prompt, split into CLT terms."""
+
+    tokens: torch.Tensor  # T
+    logits: torch.Tensor  # T,V  the original model's
+    embeddings: torch.Tensor  # T,M  token (+ position) embeddings, the embedding nodes' vectors
+    patterns: list[torch.Tensor]  # L x [H,T,S]  after the gate
+    scales: dict[str, torch.Tensor]  # norm hook name -> [T,1]
+    queries: list[torch.Tensor]  # L x [H,T,D]  after RoPE
+    keys: list[torch.Tensor]  # L x [K,T,D]
+    mlp_in: torch.Tensor  # L,T,M
+    mlp_out: torch.Tensor  # L,T,M
+    pre_acts: torch.Tensor  # T,L,F  CLT pre-activations
+    features: torch.Tensor  # T,L,F  CLT activations
+    reconstruction: torch.Tensor  # L,T,M  decoder outputs including b_dec
+    errors: torch.Tensor  # L,T,M  mlp_out - reconstruction
+
+    @property
+    def n_pos(self) -> int:
+        return self.tokens.numel()
+
+    def active_features(self) -> torch.Tensor:
+        """(layer, pos, index) of every active feature, sorted in that order: N,3."""
+        pos, layer, index = self.features.nonzero(as_tuple=True)
+        order = torch.argsort((layer * self.n_pos + pos) * self.features.shape[-1] + index)
+        return torch.stack((layer, pos, index), dim=1)[order]
+
+
+class ReplacementModel:
+    """A model and a CLT that replaces its MLPs; computes prompt runs."""
+
+    def __init__(self, model: Transformer, clt: CrossLayerTranscoder, clt_info: dict | None = None):
+        check_compatible(model, clt, clt_info)
+        self.model, self.clt = model.eval(), clt.eval()
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    def encoder_dtype(self) -> torch.dtype:
+        return self.clt.W_enc.dtype
+
+    @torch.no_grad()
+    def run_prompt(self, tokens: torch.Tensor) -> PromptRun:
+        tokens = check_tokens(self.model, tokens).to(self.device)
+        L = self.cfg.n_layers
+        per_layer = (
+            "attn.hook_pattern",
+            "attn.hook_q",
+            "attn.hook_k",
+            "hook_mlp_in",
+            "hook_mlp_out",
+        )
+        names = ["hook_embed", *norm_scale_hooks(L)] + [
+            f"blocks.{li}.{n}" for li in range(L) for n in per_layer
+        ]
+        with capture(self.model, names) as got:
+            logits = self.model(tokens[None]).logits[0]  # T,V
+        mlp_in = torch.stack([got[f"blocks.{li}.hook_mlp_in"][0] for li in range(L)])  # L,T,M
+        mlp_out = torch.stack([got[f"blocks.{li}.hook_mlp_out"][0] for li in range(L)])
+        clt_dtype = self.encoder_dtype()
+        pre = self.clt.encode(mlp_in.transpose(0, 1).to(clt_dtype))  # T,L,F
+        features = self.clt.activate(pre)
+        recon = self.clt.decode(features).transpose(0, 1).to(mlp_out.dtype)  # L,T,M
+        return PromptRun(
+            tokens=tokens,
+            logits=logits,
+            embeddings=got["hook_embed"][0],
+            patterns=[got[f"blocks.{li}.attn.hook_pattern"][0] for li in range(L)],
+            scales={n: got[n][0] for n in norm_scale_hooks(L)},
+            queries=[got[f"blocks.{li}.attn.hook_q"][0] for li in range(L)],
+            keys=[got[f"blocks.{li}.attn.hook_k"][0] for li in range(L)],
+            mlp_in=mlp_in,
+            mlp_out=mlp_out,
+            pre_acts=pre,
+            features=features,
+            reconstruction=recon,
+            errors=mlp_out - recon,
+        )
+
+    def activate_layer(
+        self, pre_layer: torch.Tensor, layer: int, pre_all: torch.Tensor
+    ) -> torch.Tensor:
+        """Activations of one layer from its pre-activations (T,F), through the CLT's own
+        activation; `pre_all` (T,L,F) supplies the other layers for batch-wide activations."""
+        pre = pre_all.clone()
+        pre[:, layer] = pre_layer
+        return self.clt.activate(pre)[:, layer]
+
+    def decoder_output(self, features: torch.Tensor, layer: int) -> torch.Tensor:
+        """Σ_{i≤layer} a_i · W_dec[i][:, layer-i] + b_dec[layer] for activations T,L,F: T,M."""
+        clt = self.clt
+        out = clt.b_dec[layer].expand(features.shape[0], -1).clone()
+        for i in range(layer + 1):
+            k = layer - i
+            if k < clt.W_dec[i].shape[1]:
+                out = out + features[:, i] @ clt.W_dec[i][:, k]
+        return out
