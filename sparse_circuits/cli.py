@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "pretrain": ("sparse_circuits.sparse_attention.train", "PretrainConfig", "pretrain", "train a small LM on a text corpus"),
     "sparsify": ("sparse_circuits.sparse_attention.sparsify", "SparsifyConfig", "sparsify", "sparse attention post-training"),
     "attribute": ("sparse_circuits.attribution.attribute", "AttributeConfig", "run_attribute", "compute an attribution graph"),
+    "harvest": ("sparse_circuits.clt.harvest", "HarvestConfig", "harvest", "record MLP inputs and outputs into a zarr store"),
     "quickstart": ("sparse_circuits.quickstart", "QuickstartConfig", "quickstart", "the whole pipeline on the toy task"),
 }
 
