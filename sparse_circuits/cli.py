@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sparsify": ("sparse_circuits.sparse_attention.sparsify", "SparsifyConfig", "sparsify", "sparse attention post-training"),
     "attribute": ("sparse_circuits.attribution.attribute", "AttributeConfig", "run_attribute", "compute an attribution graph"),
     "harvest": ("sparse_circuits.clt.harvest", "HarvestConfig", "harvest", "record MLP inputs and outputs into a zarr store"),
+    "train-clt": ("sparse_circuits.clt.train", "TrainCLTConfig", "train_clt", "train a cross-layer transcoder on an activation store"),
     "quickstart": ("sparse_circuits.quickstart", "QuickstartConfig", "quickstart", "the whole pipeline on the toy task"),
 }
 

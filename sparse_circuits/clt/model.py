@@ -1,0 +1,370 @@
+"""The cross-layer transcoder (CLT): features read one layer's MLP input and write to that
+layer's MLP output and every later one's.
+
+Shape letters, used in every shape comment below:
+    B batch (tokens), L layers, F features per layer, M d_model,
+    K output layers of one source layer's decoder (L - i for layer i; 1 for a per-layer
+    transcoder, `cross_layer=False`).
+
+Parameters are named and laid out like circuit-tracer's CLT, so its per-layer files are a
+direct export (FORMATS.md):
+    W_enc [L, F, M]   b_enc [L, F]   W_dec[i] [F, K_i, M]   b_dec [L, M]   log_threshold [L, F]
+    pre_l = x_l · W_enc[l]ᵀ + b_enc[l]
+    a_l   = act(pre_l)                        relu | jumprelu | topk | batchtopk
+    y_k   = Σ_{i≤k} a_i · W_dec[i][:, k-i, :] + b_dec[k]
+
+The forward returns a `CLTOutput` that carries its loss terms (unweighted; the trainer
+weights them):
+    nmse      normalised MSE, Σ_m (y - ŷ)² / (M · var_l), averaged over tokens and layers
+              (the fraction of variance unexplained when var_l is the targets' variance)
+    sparsity  Σ_{l,f} tanh(c · a · ||W_dec row||), averaged over tokens (Anthropic's CLT
+              penalty; ||W_dec row|| is the norm of the feature's decoders to all its layers)
+    preact    Σ_{l,f} ReLU(-pre) · ||W_dec row||, averaged over tokens (pushes features that
+              never fire back towards firing; Anthropic's January 2025 CLT update)
+    auxk      TopK/BatchTopK only: the top-k_aux dead features reconstruct the residual
+              (Gao et al. 2024), scaled by min(dead / k_aux, 1)
+
+JumpReLU follows Rajamanoharan et al. 2024 ("Jumping Ahead"): a = z · H(z - θ) with a
+learned θ = exp(log_threshold) and straight-through pseudo-derivatives through a rectangle
+kernel K(u) = 1[|u| < 1/2] of bandwidth ε:
+    ∂a/∂θ = -(θ/ε) · K((z - θ)/ε)        ∂H(z - θ)/∂θ = -(1/ε) · K((z - θ)/ε)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+Activation = Literal["relu", "jumprelu", "topk", "batchtopk"]
+
+
+class CLTConfig(BaseModel):
+    """Architecture of one CLT; the `clt` field of a CLT dir's config.json."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_layers: int = Field(gt=0, description="Layers the CLT reads from and writes to (L).")
+    d_model: int = Field(gt=0, description="Width of the MLP input and output (M).")
+    d_features: int = Field(gt=0, description="Features per layer (F).")
+    activation: Activation = Field(
+        "jumprelu",
+        description="relu; jumprelu (learned thresholds); topk (k per token and layer); "
+        "batchtopk (k per token on average over the batch).",
+    )
+    k: int | None = Field(
+        None, gt=0, description="Active features per token and layer (topk, batchtopk)."
+    )
+    batchtopk_scope: Literal["layer", "all"] = Field(
+        "layer",
+        description="batchtopk: keep the top B·k of each layer ('layer') or the top B·L·k over all layers ('all').",
+    )
+    cross_layer: bool = Field(
+        True,
+        description="Decoders to every later layer; False is the per-layer transcoder (same layer only).",
+    )
+    bandwidth: float = Field(0.05, gt=0, description="JumpReLU straight-through kernel width ε.")
+    initial_threshold: float = Field(
+        0.1, gt=0, description="JumpReLU threshold θ at initialisation."
+    )
+    sparsity_c: float = Field(
+        4.0, gt=0, description="c in the tanh(c · a · ||W_dec||) sparsity penalty."
+    )
+    k_aux: int | None = Field(
+        None, gt=0, description="Dead features per token and layer in AuxK; default d_model // 2."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CLTConfig:
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is None:
+                raise ValueError(
+                    f"activation {self.activation!r} needs k (active features per token and layer)"
+                )
+            if self.k > self.d_features:
+                raise ValueError(f"k={self.k} exceeds d_features={self.d_features}")
+        return self
+
+    @property
+    def decoder_layers(self) -> list[int]:
+        """K_i: how many output layers the decoder of source layer i writes to."""
+        return [self.n_layers - i if self.cross_layer else 1 for i in range(self.n_layers)]
+
+
+class CLTOutput(NamedTuple):
+    reconstruction: torch.Tensor  # B,L,M
+    features: torch.Tensor  # B,L,F  activations a
+    pre_acts: torch.Tensor  # B,L,F  pre-activations
+    nmse: torch.Tensor | None  # scalar; None without targets
+    sparsity: torch.Tensor | None  # scalar
+    preact: torch.Tensor | None  # scalar
+    auxk: torch.Tensor | None  # scalar (zero unless topk/batchtopk with dead features)
+
+
+def sparsity_coefficient(step: int, *, final: float, warmup_steps: int) -> float:
+    """λ_S at `step`: a linear ramp from 0 to `final` over `warmup_steps`, then flat."""
+    if warmup_steps <= 0:
+        return final
+    return final * min(1.0, step / warmup_steps)
+
+
+def l0(features: torch.Tensor) -> torch.Tensor:
+    """Active features per token at each layer, averaged over tokens: B,L,F -> L."""
+    return (features != 0).float().sum(-1).mean(0)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """a = x · H(x - θ); ∂a/∂x = H(x - θ), ∂a/∂θ = -(θ/ε) K((x - θ)/ε) (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        on = x > threshold
+        ctx.save_for_backward(x, threshold, on)
+        ctx.bandwidth = bandwidth
+        return x * on  # a multiply by the mask: faster than torch.where on CPU, the same on GPU
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, threshold, on = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_x = grad_out * on if ctx.needs_input_grad[0] else None
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            # θ is constant over the batch: sum the kernel-weighted gradient first, scale once.
+            in_window = (x - threshold).abs() < eps / 2  # K((x - θ)/ε) = 1
+            window_sum = (grad_out * in_window).sum_to_size(threshold.shape)
+            grad_t = (-(threshold / eps) * window_sum).to(threshold.dtype)
+        return grad_x, grad_t, None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(x - θ); ∂H/∂x = 0, ∂H/∂θ = -(1/ε) K((x - θ)/ε) (straight-through). For an L0 penalty."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(x, threshold)
+        ctx.bandwidth = bandwidth
+        return (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            in_window = (x - threshold).abs() < eps / 2
+            window_sum = (grad_out * in_window).sum_to_size(threshold.shape)
+            grad_t = (-(1.0 / eps) * window_sum).to(threshold.dtype)
+        return grad_x, grad_t, None
+
+
+def jumprelu(x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return JumpReLUFunction.apply(x, threshold, bandwidth)
+
+
+def step(x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return StepFunction.apply(x, threshold, bandwidth)
+
+
+def topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each token's k largest pre-activations per layer, ReLU'd: B,L,F -> B,L,F."""
+    values, indices = pre.topk(k, dim=-1)  # B,L,k
+    return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+
+
+def batchtopk_activation(pre: torch.Tensor, k: int, scope: Literal["layer", "all"]) -> torch.Tensor:
+    """Keep the B·k largest pre-activations of each layer (or B·L·k over all layers), ReLU'd."""
+    B, L, F = pre.shape
+    if scope == "layer":
+        flat = pre.transpose(0, 1).reshape(L, B * F)  # L,B*F
+        values, indices = flat.topk(B * k, dim=-1)
+        kept = torch.zeros_like(flat).scatter(-1, indices, values.relu())
+        return kept.view(L, B, F).transpose(0, 1)
+    flat = pre.reshape(-1)  # B*L*F
+    values, indices = flat.topk(B * L * k)
+    return torch.zeros_like(flat).scatter(0, indices, values.relu()).view(B, L, F)
+
+
+# ----------------------------------------------------------------------------- the CLT
+
+
+class CrossLayerTranscoder(nn.Module):
+    def __init__(self, cfg: CLTConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, F, M = cfg.n_layers, cfg.d_features, cfg.d_model
+        self.W_enc = nn.Parameter(torch.empty(L, F, M))
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        self.W_dec = nn.ParameterList(
+            [nn.Parameter(torch.empty(F, K, M)) for K in cfg.decoder_layers]
+        )
+        self.b_dec = nn.Parameter(torch.zeros(L, M))
+        if cfg.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((L, F), math.log(cfg.initial_threshold)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Encoder rows of norm ≈ 1/√3 make pre-activations O(1) on unit-variance inputs; small
+        # decoders keep the first reconstructions near b_dec.
+        L, F, M = self.cfg.n_layers, self.cfg.d_features, self.cfg.d_model
+        nn.init.uniform_(self.W_enc, -1 / math.sqrt(M), 1 / math.sqrt(M))
+        for W in self.W_dec:
+            nn.init.uniform_(W, -1 / math.sqrt(L * F), 1 / math.sqrt(L * F))
+
+    @property
+    def num_features(self) -> int:
+        return self.cfg.n_layers * self.cfg.d_features
+
+    @property
+    def threshold(self) -> torch.Tensor | None:
+        """θ [L, F] for JumpReLU, else None."""
+        return self.log_threshold.exp() if self.cfg.activation == "jumprelu" else None
+
+    def flops_per_token(self, training: bool = True) -> int:
+        """Matmul FLOPs per token. Training: the encoder twice (forward, weight gradient; inputs
+        need no gradient) and the decoder three times (forward, weight and feature gradients)."""
+        enc = 2 * self.cfg.n_layers * self.cfg.d_features * self.cfg.d_model
+        dec = 2 * self.cfg.d_features * self.cfg.d_model * sum(self.cfg.decoder_layers)
+        return 2 * enc + 3 * dec if training else enc + dec
+
+    # ------------------------------------------------------------------ the three stages
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Pre-activations: B,L,M -> B,L,F."""
+        return torch.einsum("blm,lfm->blf", inputs, self.W_enc) + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.activation == "relu":
+            return pre.relu()
+        if cfg.activation == "jumprelu":
+            return jumprelu(pre, self.threshold, cfg.bandwidth)
+        if cfg.activation == "topk":
+            return topk_activation(pre, cfg.k)
+        return batchtopk_activation(pre, cfg.k, cfg.batchtopk_scope)
+
+    def decode(self, features: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """y_k = Σ_{i≤k} a_i · W_dec[i][:, k-i, :] (+ b_dec[k]): B,L,F -> B,L,M."""
+        B = features.shape[0]
+        L, M = self.cfg.n_layers, self.cfg.d_model
+        parts: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        # unbind, not indexing: its backward is one stack, not a zero-filled B,L,F per layer.
+        for i, (a_i, W) in enumerate(zip(features.unbind(1), self.W_dec, strict=True)):
+            out_i = (a_i @ W.flatten(1)).view(B, W.shape[1], M)  # B,F @ F,K*M -> B,K,M
+            for j, y_ij in enumerate(out_i.unbind(1)):
+                parts[i + j].append(y_ij)
+        y = torch.stack([sum(p[1:], p[0]) for p in parts], dim=1)  # B,L,M
+        return y + self.b_dec if bias else y
+
+    def decoder_norms(self) -> torch.Tensor:
+        """||W_dec row|| of every feature, its decoders to all layers concatenated: L,F."""
+        return torch.stack([W.pow(2).sum((1, 2)).sqrt() for W in self.W_dec])
+
+    # ------------------------------------------------------------------ forward and losses
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        target_variance: torch.Tensor | None = None,
+        dead: torch.Tensor | None = None,
+    ) -> CLTOutput:
+        """inputs, targets: B,L,M. target_variance: L, the per-entry variance of each layer's
+        targets (1 for normalised data; default: this batch's). dead: L,F bool (for AuxK)."""
+        pre = self.encode(inputs)  # B,L,F
+        features = self.activate(pre)  # B,L,F
+        recon = self.decode(features)  # B,L,M
+        if targets is None:
+            return CLTOutput(recon, features, pre, None, None, None, None)
+
+        targets = targets.float()
+        if target_variance is None:
+            target_variance = (targets - targets.mean(0)).pow(2).mean((0, 2))  # L
+        nmse = ((recon.float() - targets).pow(2).mean((0, 2)) / target_variance).mean()
+
+        dec_norm = self.decoder_norms()  # L,F
+        sparsity = (
+            torch.tanh(features.float() * (self.cfg.sparsity_c * dec_norm)).sum((1, 2)).mean()
+        )
+        preact = -(pre.float().clamp(max=0) * dec_norm).sum((1, 2)).mean()
+
+        auxk = nmse.new_zeros(())
+        if self.cfg.activation in ("topk", "batchtopk") and dead is not None and bool(dead.any()):
+            auxk = self._auxk_loss(pre, recon, targets, target_variance, dead)
+        return CLTOutput(recon, features, pre, nmse, sparsity, preact, auxk)
+
+    def _auxk_loss(self, pre, recon, targets, target_variance, dead) -> torch.Tensor:
+        """Residual reconstructed by each token's top-k_aux dead features (per layer)."""
+        L, F = self.cfg.n_layers, self.cfg.d_features
+        k_aux = min(self.cfg.k_aux or self.cfg.d_model // 2, F)
+        dead_pre = pre.masked_fill(~dead, float("-inf"))  # B,L,F
+        values, indices = dead_pre.topk(
+            k_aux, dim=-1
+        )  # B,L,k_aux; -inf where a layer has fewer dead
+        aux_features = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        residual = (targets - recon.float()).detach()  # B,L,M
+        aux_recon = self.decode(aux_features, bias=False).float()
+        scale = (dead.sum() / (k_aux * L)).clamp(max=1.0)
+        return scale * ((aux_recon - residual).pow(2).mean((0, 2)) / target_variance).mean()
+
+    # ------------------------------------------------------------------ initialisation from data
+
+    @torch.no_grad()
+    def init_from_batch(
+        self, inputs: torch.Tensor, targets: torch.Tensor, fire_rate: float
+    ) -> None:
+        """Set b_enc so each feature fires on a `fire_rate` fraction of `inputs` (N,L,M), and
+        b_dec to the targets' mean. TopK/BatchTopK need positive pre-activations to select
+        from: there the rate is at least min(1/2, 2k/F), about 2k positive per token."""
+        if not 0 < fire_rate < 1:
+            raise ValueError(f"fire_rate must be in (0, 1), got {fire_rate}")
+        if self.cfg.activation in ("topk", "batchtopk"):
+            fire_rate = max(fire_rate, min(0.5, 2 * self.cfg.k / self.cfg.d_features))
+        N = inputs.shape[0]
+        pre = torch.einsum("blm,lfm->blf", inputs.to(self.W_enc), self.W_enc)  # N,L,F (no bias)
+        cut = self.threshold if self.cfg.activation == "jumprelu" else torch.zeros_like(self.b_enc)
+        # The (1 - rate) quantile over tokens: the value above which a `rate` fraction lies.
+        rank = min(N, max(1, math.ceil((1 - fire_rate) * N)))
+        quantile = pre.kthvalue(rank, dim=0).values  # L,F
+        self.b_enc.copy_(cut - quantile)
+        self.b_dec.copy_(targets.to(self.b_dec).mean(0))
+
+    @torch.no_grad()
+    def to_jumprelu(self, inputs: torch.Tensor) -> CrossLayerTranscoder:
+        """A JumpReLU copy of this TopK/BatchTopK CLT, thresholds calibrated on `inputs` (N,L,M)
+        so its L0 there equals this CLT's (one threshold per layer, or one for all layers with
+        batchtopk_scope 'all'). BatchTopK depends on the batch; JumpReLU does not."""
+        cfg = self.cfg
+        if cfg.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"to_jumprelu converts topk/batchtopk CLTs, not {cfg.activation!r}")
+        pre = self.encode(inputs.to(self.W_enc)).float()  # N,L,F
+        active = (self.activate(pre) != 0).sum((0, 2))  # L: this CLT's firing count per layer
+        L, F = pre.shape[1:]
+        if cfg.activation == "batchtopk" and cfg.batchtopk_scope == "all":
+            theta = _count_threshold(pre.reshape(-1), int(active.sum())).expand(L)
+        else:
+            theta = torch.stack(
+                [_count_threshold(pre[:, i].reshape(-1), int(active[i])) for i in range(L)]
+            )
+        new_cfg = cfg.model_copy(update={"activation": "jumprelu"})
+        with torch.device("meta"):
+            clt = CrossLayerTranscoder(new_cfg)
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        state["log_threshold"] = theta.log()[:, None].expand(L, F).to(self.b_enc).clone()
+        clt.load_state_dict(state, assign=True)
+        return clt
+
+
+def _count_threshold(values: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The θ > 0 for which exactly `n_keep` of `values` satisfy value > θ (ties aside)."""
+    if n_keep >= values.numel():
+        return values.new_tensor(1e-8)
+    kth = values.topk(n_keep + 1).values[-1]  # the largest value that must stay off
+    return kth.clamp(min=1e-8)

@@ -1,0 +1,583 @@
+"""Train a CLT on an activation store: `sparse-circuits train-clt --activations A.zarr --out C`.
+
+One loop serves one process and `torchrun` (DDP) alike: under torchrun each rank reads its
+own share of every global batch, gradients are averaged by DDP, and the dead-feature
+counters are reduced over ranks so every rank sees the same global counts.
+
+Loss per step: nmse + λ_S(step)·sparsity + λ_P·preact + α·auxk (terms in `model.py`), with
+AdamW, a warm-up + cosine/linear learning-rate schedule and λ_S's warm-up both pure
+functions of the step. A checkpoint holds the weights, optimiser state, step and counters;
+a rerun after a kill resumes there, reading its data from batch `step` on (no replay).
+
+The output dir is the CLT dir (`cltdir.py`, normalisation folded in) plus `metrics.json`
+(`fvu`, `l0`, ...), `metrics.jsonl` (one line per logged step), `checkpoints/` and `run.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..io import (
+    append_jsonl,
+    atomic_path,
+    claim_run_dir,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from .cltdir import load_clt, save_clt
+from .loader import ActivationLoader, open_store
+from .model import Activation, CLTConfig, CrossLayerTranscoder, l0, sparsity_coefficient
+
+__all__ = ["TrainCLTConfig", "train_clt", "learning_rate", "load_clt", "save_clt"]
+
+log = logging.getLogger(__name__)
+
+STAGE = "train-clt"
+# Fields that change how a run is executed, not what it computes: a resumed run may differ in them.
+OPERATIONAL_FIELDS = {"device", "resume", "log_every"}
+
+# batches(start) -> this rank's (inputs, targets) of global batches start, start + 1, ...
+Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class TrainCLTConfig(BaseModel):
+    """Everything one CLT training run needs; n_layers and d_model come from the store."""
+
+    model_config = ConfigDict(extra="forbid")
+    activations: str = Field(
+        description="Activation store written by `harvest`: a local path or s3:// URL."
+    )
+    out: Path = Field(description="Output CLT directory (resumed if it holds this same run).")
+    # ---- the CLT (see CLTConfig)
+    d_features: int | None = Field(
+        None, gt=0, description="Features per layer; default 8 × d_model."
+    )
+    activation: Activation = Field("jumprelu", description="relu, jumprelu, topk or batchtopk.")
+    k: int | None = Field(
+        None, gt=0, description="Active features per token and layer (topk, batchtopk)."
+    )
+    batchtopk_scope: Literal["layer", "all"] = Field(
+        "layer", description="batchtopk over each layer or all layers."
+    )
+    cross_layer: bool = Field(
+        True, description="Decoders to all later layers; --no-cross-layer: per-layer transcoder."
+    )
+    bandwidth: float = Field(0.05, gt=0, description="JumpReLU straight-through kernel width.")
+    initial_threshold: float = Field(0.1, gt=0, description="JumpReLU threshold at initialisation.")
+    sparsity_c: float = Field(
+        4.0, gt=0, description="c in the tanh(c · a · ||W_dec||) sparsity penalty."
+    )
+    k_aux: int | None = Field(
+        None, gt=0, description="Dead features per token and layer in AuxK; default d_model // 2."
+    )
+    # ---- optimisation
+    batch_size: int = Field(1024, gt=0, description="Tokens per step, over all ranks.")
+    steps: int | None = Field(
+        None, gt=0, description="Optimiser steps; default one pass over the store."
+    )
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    lr_warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up.")
+    lr_decay: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after the warm-up."
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak."
+    )
+    clip_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    sparsity_coefficient: float = Field(
+        1e-3, ge=0, description="Final λ_S of the tanh sparsity penalty."
+    )
+    sparsity_warmup_steps: int | None = Field(
+        None, ge=0, description="Steps over which λ_S ramps from 0; default all steps."
+    )
+    preact_coefficient: float = Field(
+        3e-6, ge=0, description="λ_P of the pre-activation (dead-feature) loss."
+    )
+    auxk_coefficient: float = Field(
+        1 / 32, ge=0, description="α of the AuxK loss (topk, batchtopk)."
+    )
+    dead_feature_tokens: int = Field(
+        10_000_000, gt=0, description="A feature silent this many tokens is dead."
+    )
+    init_fire_rate: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Encoder bias set so each feature fires this often at first (topk: at least 2k/F).",
+    )
+    # ---- bookkeeping
+    eval_steps: int = Field(
+        50,
+        gt=0,
+        description="metrics.json averages the last this-many steps (each batch scored before its update).",
+    )
+    seed: int = Field(0, description="Seed of the initialisation and the loader's shuffle.")
+    checkpoint_every: int = Field(500, gt=0, description="Steps between checkpoints.")
+    log_every: int = Field(1, gt=0, description="Steps between metrics.jsonl lines.")
+    device: str = Field(
+        "auto",
+        description="auto (cuda if present), cpu, cuda, cuda:N; torchrun ranks use cuda:LOCAL_RANK.",
+    )
+    autocast: bool = Field(True, description="bfloat16 autocast on CUDA (ignored on CPU).")
+    resume: bool = Field(
+        True, description="Resume this run from its latest checkpoint if --out holds it."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainCLTConfig:
+        if self.activation in ("topk", "batchtopk") and self.k is None:
+            raise ValueError(f"activation {self.activation!r} needs --k")
+        return self
+
+    def clt_config(self, n_layers: int, d_model: int) -> CLTConfig:
+        return CLTConfig(
+            n_layers=n_layers,
+            d_model=d_model,
+            d_features=self.d_features or 8 * d_model,
+            activation=self.activation,
+            k=self.k,
+            batchtopk_scope=self.batchtopk_scope,
+            cross_layer=self.cross_layer,
+            bandwidth=self.bandwidth,
+            initial_threshold=self.initial_threshold,
+            sparsity_c=self.sparsity_c,
+            k_aux=self.k_aux,
+        )
+
+
+def learning_rate(
+    step: int, *, peak: float, warmup_steps: int, total_steps: int, decay: str, min_ratio: float
+) -> float:
+    """Linear warm-up to `peak`, then cosine or linear decay to `min_ratio · peak` at `total_steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if decay == "constant":
+        return peak
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "cosine":
+        return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (1 - (1 - min_ratio) * progress)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device):
+    """Join the torchrun process group when WORLD_SIZE > 1; yield (rank, world_size)."""
+    rank, world, _ = dist_env()
+    owned = world > 1 and not dist.is_initialized()
+    if owned:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield rank, world
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _all_reduce(t: torch.Tensor, world: int, op=None) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def update_dead_counters(
+    tokens_since_fired: torch.Tensor, fired: torch.Tensor, tokens: int, world: int
+) -> torch.Tensor:
+    """Tokens since each feature (L,F) last fired on any rank, after a step of `tokens` global tokens."""
+    fired_anywhere = _all_reduce(fired.to(torch.int32), world) > 0
+    return torch.where(
+        fired_anywhere, torch.zeros_like(tokens_since_fired), tokens_since_fired + tokens
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_clt(config: TrainCLTConfig) -> Path:
+    """Train on the store at `config.activations`; return the CLT dir."""
+    rank, world, local_rank = dist_env()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} is not a multiple of the {world} ranks")
+    device = resolve_device(config.device, local_rank)
+    local_batch = config.batch_size // world
+    loader_kwargs = dict(
+        seed=config.seed, rank=rank, world_size=world, normalize=True, drop_last=True, device=device
+    )
+    with distributed(device):
+        probe = ActivationLoader(config.activations, local_batch, **loader_kwargs)
+        if config.steps:  # a fixed step count may need more than one pass
+            steps, loader_kwargs["epochs"] = config.steps, None
+        else:  # one pass; ranks may hold different row counts, so the fewest batches rule
+            steps = int(
+                _all_reduce(torch.tensor(len(probe), device=device), world, dist.ReduceOp.MIN)
+            )
+            loader_kwargs["epochs"] = 1
+        if steps < 1:
+            raise ValueError(
+                f"{config.activations} holds {probe.n_rows} rows: not one batch of {config.batch_size}"
+            )
+
+        def batches(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            # start_batch: the loader computes which rows come next; nothing before is read.
+            return iter(
+                ActivationLoader(
+                    config.activations, local_batch, start_batch=start, **loader_kwargs
+                )
+            )
+
+        info = {
+            "feature_input_hook": "blocks.{layer}.hook_mlp_in",
+            "feature_output_hook": "blocks.{layer}.hook_mlp_out",
+            "activations": {
+                "url": config.activations,
+                "attrs": dict(open_store(config.activations).attrs),
+            },
+        }
+        return _train(config, batches, probe.stats, steps=steps, info=info)
+
+
+def _train(
+    config: TrainCLTConfig,
+    batches: Batches,
+    stats: dict[str, torch.Tensor],
+    *,
+    steps: int,
+    info: dict | None = None,
+) -> Path:
+    """The training loop over any source of this rank's normalised batches.
+
+    `batches(start)` yields this rank's (inputs, targets) [B/world, L, M] for global batches
+    start, start + 1, ...; `stats` is the store's normalisation (folded into the saved CLT).
+    """
+    _, _, local_rank = dist_env()
+    device = resolve_device(config.device, local_rank)
+    n_layers, d_model = stats["inputs_mean"].shape
+    clt_cfg = config.clt_config(n_layers, d_model)
+    out = Path(config.out)
+    with distributed(device) as (rank, world):
+        if config.batch_size % world:
+            raise ValueError(
+                f"batch_size={config.batch_size} is not a multiple of the {world} ranks"
+            )
+        identity = config.model_dump(mode="json", exclude=OPERATIONAL_FIELDS)
+        if rank == 0:
+            claim_run_dir(out, STAGE, identity, resume=config.resume)
+        if world > 1:
+            dist.barrier()
+        if (out / "metrics.json").is_file():
+            log.info("%s already holds the finished run", out)
+            return out
+        trainer = _Trainer(config, clt_cfg, device, rank, world, steps)
+        trainer.run(batches)
+        if rank == 0:
+            trainer.finish(batches, stats, info or {})
+    return out
+
+
+class _Trainer:
+    """The state of one run: model, optimiser, step, counters, and the phases that use them."""
+
+    def __init__(
+        self,
+        config: TrainCLTConfig,
+        clt_cfg: CLTConfig,
+        device: torch.device,
+        rank: int,
+        world: int,
+        steps: int,
+    ):
+        self.config, self.device, self.steps = config, device, steps
+        self.rank, self.world = rank, world
+        self.out = Path(config.out)
+        self.ckpt_root = self.out / "checkpoints"
+        torch.manual_seed(config.seed)
+        # Built on the CPU, then moved: the same initial weights on any device.
+        self.model = CrossLayerTranscoder(clt_cfg).to(device)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            betas=(0.9, 0.999),
+            weight_decay=0.0,
+            fused=device.type == "cuda",
+        )
+        L, F = clt_cfg.n_layers, clt_cfg.d_features
+        self.step = 0
+        self.tokens_since_fired = torch.zeros(L, F, dtype=torch.int64, device=device)
+        # Sums over the last `eval_steps` steps, each batch scored before its update: L-vectors.
+        self.window = {
+            n: torch.zeros(L, dtype=torch.float64, device=device) for n in ("err", "var", "l0")
+        }
+        self.window_tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.last_inputs: torch.Tensor | None = None
+        self.ones = torch.ones(L, device=device)  # normalised targets: unit variance per entry
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        tensors.update({f"window.{k}": v for k, v in self.window.items()})
+        tensors["window.tokens"] = self.window_tokens
+        return tensors
+
+    def save(self) -> None:
+        if self.rank == 0:
+            save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                self._state_tensors(),
+                {"step": self.step, "optimizer": _to_cpu(self.opt.state_dict())},
+            )
+
+    def try_resume(self) -> bool:
+        found = load_checkpoint(self.ckpt_root)
+        if found is None:
+            return False
+        tensors, state = found
+        self.model.load_state_dict(
+            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
+        self.window = {k: tensors[f"window.{k}"].to(self.device) for k in self.window}
+        self.window_tokens = tensors["window.tokens"].to(self.device)
+        if self.rank == 0:
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        log.info("resumed %s at step %d", self.out, self.step)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def _init_from_first_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Biases from the whole first global batch (gathered), so every rank count agrees."""
+        if self.world > 1:
+            gathered = (
+                [torch.empty_like(inputs) for _ in range(self.world)],
+                [torch.empty_like(targets) for _ in range(self.world)],
+            )
+            dist.all_gather(gathered[0], inputs)
+            dist.all_gather(gathered[1], targets)
+            inputs, targets = torch.cat(gathered[0]), torch.cat(gathered[1])
+        self.model.init_from_batch(inputs, targets, self.config.init_fire_rate)
+
+    def run(self, batches: Batches) -> None:
+        resumed = self.try_resume()
+        if self.step >= self.steps:
+            return
+        it = iter(batches(self.step))
+        if not resumed:
+            first = next(it, None)
+            if first is None:
+                raise ValueError("the activation source yielded no batch")
+            first = tuple(t.to(self.device) for t in first)
+            self._init_from_first_batch(*first)
+            it = itertools.chain([first], it)
+        self.prepare()
+        for inputs, targets in it:
+            if self.step >= self.steps:
+                break
+            self.train_step(inputs, targets)
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.steps:
+                self.save()
+        self.bar.close()
+        if self.step < self.steps:  # a finite source shorter than `steps`
+            log.warning("the activations ran out after %d of %d steps", self.step, self.steps)
+            self.steps = self.step
+            self.save()
+
+    def prepare(self, progress: bool = True) -> None:
+        """Wrap the model for DDP and start the progress bar and clock, once weights are set."""
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.ddp = self.model
+        self.bar = tqdm(
+            total=self.steps,
+            initial=self.step,
+            desc="train-clt",
+            disable=self.rank != 0 or not progress,
+            dynamic_ncols=True,
+        )
+        self.t0 = time.perf_counter()
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """One optimiser step on this rank's batch, with its counters and metrics line."""
+        cfg = self.config
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        expected = (cfg.batch_size // self.world, *self.model.W_enc.shape[::2])  # B/world,L,M
+        if tuple(inputs.shape) != expected or tuple(targets.shape) != expected:
+            got = f"{tuple(inputs.shape)} and {tuple(targets.shape)}"
+            raise ValueError(f"batch shapes {got}; expected {expected} on each rank")
+        lr = learning_rate(
+            self.step, peak=cfg.lr, warmup_steps=cfg.lr_warmup_steps, total_steps=self.steps,
+            decay=cfg.lr_decay, min_ratio=cfg.min_lr_ratio,
+        )  # fmt: skip
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        warmup = self.steps if cfg.sparsity_warmup_steps is None else cfg.sparsity_warmup_steps
+        lam = sparsity_coefficient(self.step, final=cfg.sparsity_coefficient, warmup_steps=warmup)
+        dead = self.tokens_since_fired >= cfg.dead_feature_tokens
+        use_auxk = self.model.cfg.activation in ("topk", "batchtopk") and cfg.auxk_coefficient > 0
+        use_autocast = cfg.autocast and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            o = self.ddp(
+                inputs, targets, target_variance=self.ones, dead=dead if use_auxk else None
+            )
+        loss = (
+            o.nmse
+            + lam * o.sparsity
+            + cfg.preact_coefficient * o.preact
+            + cfg.auxk_coefficient * o.auxk
+        )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+        self.opt.step()
+
+        with torch.no_grad():
+            counts = (o.features != 0).sum(0)  # L,F: tokens each feature fired on
+            self.tokens_since_fired = update_dead_counters(
+                self.tokens_since_fired, counts > 0, cfg.batch_size, self.world
+            )
+            if self.step >= self.steps - cfg.eval_steps:
+                self._accumulate(o, targets, counts)
+        self.step += 1
+        self.last_inputs = inputs
+        if self.step % cfg.log_every == 0 or self.step == self.steps:
+            l0_sum = counts.sum() / inputs.shape[0]  # active features per token, all layers
+            self._log(
+                o, loss, l0_sum, lam, lr, grad_norm, dead, time.perf_counter() - self.t0, self.bar
+            )
+        self.bar.update(1)
+
+    def _accumulate(self, o, targets: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add this step's global sums (all ranks) to the metrics window."""
+        t = targets.double()
+        sums = torch.stack(
+            [
+                (o.reconstruction.double() - t).pow(2).sum((0, 2)),  # L
+                (t - t.mean(0)).pow(2).sum((0, 2)),
+                counts.sum(-1).double(),
+            ]
+        )  # 3,L
+        sums = _all_reduce(sums, self.world)
+        for name, s in zip(("err", "var", "l0"), sums, strict=True):
+            self.window[name] += s
+        self.window_tokens += t.shape[0] * self.world
+
+    def _log(self, o, loss, l0_sum, lam, lr, grad_norm, dead, elapsed, bar) -> None:
+        terms = torch.stack([loss, o.nmse, o.sparsity, o.preact, o.auxk, l0_sum]).detach().float()
+        terms = _all_reduce(terms, self.world) / self.world
+        if self.rank != 0:
+            return
+        loss_, nmse, sparsity, preact, auxk, l0_total = terms.tolist()
+        record = {
+            "step": self.step, "loss": loss_, "nmse": nmse, "sparsity": sparsity, "preact": preact, "auxk": auxk,
+            "l0": l0_total / self.model.cfg.n_layers, "dead_fraction": dead.float().mean().item(),
+            "lr": lr, "sparsity_coefficient": lam, "grad_norm": float(grad_norm), "elapsed_s": elapsed,
+        }  # fmt: skip
+        append_jsonl(self.out / "metrics.jsonl", record)
+        bar.set_postfix(nmse=f"{nmse:.3f}", l0=f"{record['l0']:.1f}", refresh=False)
+
+    # ------------------------------------------------------------------ the artifact
+
+    @torch.no_grad()
+    def finish(self, batches: Batches, stats: dict[str, torch.Tensor], info: dict) -> None:
+        """Rank 0: write the CLT dir (normalisation folded) and metrics.json."""
+        window = {k: v.clone() for k, v in self.window.items()}
+        tokens = float(self.window_tokens)
+        if tokens == 0:
+            raise ValueError("no step was scored for metrics.json (did the run train at all?)")
+        fvu_per_layer = (window["err"] / window["var"]).tolist()
+        l0_per_layer = (window["l0"] / tokens).tolist()
+        clt = self.model
+        metrics = {}
+        if clt.cfg.activation in ("topk", "batchtopk"):
+            # The circuit-tracer layout holds JumpReLU, not TopK: thresholds with the same L0.
+            calibration = self.last_inputs
+            if calibration is None:  # resumed after the last step: any batch will do
+                calibration = next(iter(batches(0)))[0].to(self.device)
+            clt = clt.to_jumprelu(calibration)
+            metrics["jumprelu_l0_calibration"] = l0(clt(calibration).features).mean().item()
+        dead = self.tokens_since_fired >= self.config.dead_feature_tokens
+        metrics = {
+            "fvu": float(window["err"].sum() / window["var"].sum()),
+            "l0": sum(l0_per_layer) / len(l0_per_layer),
+            "l0_total": sum(l0_per_layer),
+            "fvu_per_layer": fvu_per_layer,
+            "l0_per_layer": l0_per_layer,
+            "dead_fraction": dead.float().mean().item(),
+            "steps": self.step,
+            "tokens": self.step * self.config.batch_size,
+            "eval_tokens": int(tokens),
+            **metrics,
+        }
+        save_clt(clt, self.out, stats=stats, info=info)
+        write_json(self.out / "metrics.json", metrics)  # last: its presence marks the run finished
+
+
+def _to_cpu(obj):
+    """A state dict with every tensor on the CPU, so a checkpoint loads on any machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past `step` (written after the checkpoint a resume starts from)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
