@@ -6,8 +6,10 @@ on a hand-computed graph, graph JSON against a JSON Schema, and bad input."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -198,6 +200,8 @@ def test_edges_and_bias_add_up_to_each_target(setup, full_graph):
     model run on biases alone): no source is missing from the graph."""
     _, model, _, rm, run = setup
     g = full_graph
+    key = g.edge_targets * g.n_nodes + g.edge_sources
+    assert (key[1:] > key[:-1]).all()  # sorted by (target, source), no duplicates
     bias = FrozenGraph(rm, run, 1, sources="bias")
     with torch.no_grad():
         A = g.dense_adjacency()
@@ -220,6 +224,20 @@ def test_edges_and_bias_add_up_to_each_target(setup, full_graph):
             torch.testing.assert_close(
                 A[g.logit_offset + k].sum() + final @ direction, want, atol=1e-4, rtol=1e-4
             )
+
+
+def test_a_feature_budget_gives_the_full_graphs_edges_among_the_chosen_nodes(setup, full_graph):
+    _, model, clt, _, run = setup
+    g = attribute(model=model, clt=clt, prompt=run.tokens, targets=list(range(VOCAB)), max_feature_nodes=40,
+                  batch_size=16, update_interval=1)  # fmt: skip
+    assert g.n_features == 40 and g.n_active_features == full_graph.n_features
+    # graph nodes -> full-graph nodes: features by identity, the rest shifted
+    keys = [tuple(f) for f in full_graph.features.tolist()]
+    to_full = torch.tensor([keys.index(tuple(f)) for f in g.features.tolist()] +
+                           list(range(full_graph.error_offset, full_graph.n_nodes)))  # fmt: skip
+    A, F = g.dense_adjacency(), full_graph.dense_adjacency()
+    rows = torch.cat([torch.arange(g.n_features), torch.arange(g.logit_offset, g.n_nodes)])
+    torch.testing.assert_close(A[rows][:, :], F[to_full[rows]][:, to_full], atol=1e-6, rtol=1e-5)
 
 
 def test_freezing_is_complete(setup):
@@ -548,3 +566,35 @@ def test_bad_input_gives_clear_errors(setup, addition_dirs, tmp_path, capsys):
     assert "context length" in capsys.readouterr().err
     assert cli_main([*base, "--prompt-ids", "1", "2", "--prompt", "12"]) == 2
     assert "exactly one of prompt and prompt_ids" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- dense vs sparse script
+
+
+def test_dense_vs_sparse_circuits_script_runs(addition_dirs, tmp_path):
+    """benchmarks/dense_vs_sparse_circuits.py on tiny random models: a dense model and its
+    sparsified twin (same weights, hard gates), each with its own CLT."""
+    root, sparse_dir, sparse_clt = addition_dirs
+    tok = addition_tokenizer()
+    sparse = make_model("gpt2", vocab=tok.get_vocab_size())
+    dense = Transformer(sparse.cfg.model_copy(update={"gate": None}))
+    dense.load_state_dict(sparse.state_dict())
+    dense_dir = save_model(dense.eval(), tmp_path / "dense", tokenizer=tok)
+    dense_clt = save_clt(make_clt(dense, seed=3), tmp_path / "dense_clt")
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dense_vs_sparse_circuits.py"
+    spec = importlib.util.spec_from_file_location("dense_vs_sparse_circuits", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = ["--dense-model", str(dense_dir), "--dense-clt", str(dense_clt), "--sparse-model", str(sparse_dir),
+            "--sparse-clt", str(sparse_clt), "--n-prompts", "2", "--max-feature-nodes", "40", "--batch-size", "32"]  # fmt: skip
+    for prompts in ("addition", "repeat"):
+        out = tmp_path / f"{prompts}.json"
+        result = module.main([*base, "--prompts", prompts, "--out", str(out)])
+        assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(result["summary"]))
+        assert len(result["rows"]) == 2
+        for row in result["rows"]:
+            for variant in ("dense", "sparse"):
+                r = row[variant]
+                assert 0 < r["edges_for_80pct"] <= r["edges"]
+                assert 0 <= r["heads_for_80pct"] <= r["total_heads"] == 4

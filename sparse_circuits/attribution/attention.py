@@ -30,7 +30,7 @@ import torch
 
 from ..clt.model import CrossLayerTranscoder
 from ..sparse_attention.model import Transformer
-from .frozen import FrozenGraph, Tap
+from .frozen import FrozenGraph, PrefixGraphs, Tap
 from .graph import Graph, embedding_node_id, error_node_id, feature_node_id
 from .prune import PruneResult, count_for_coverage
 from .replacement import PromptRun, ReplacementModel
@@ -90,9 +90,7 @@ def column_ids(sources: SourceTable, tokens: torch.Tensor) -> list[str]:
     return ids + [embedding_node_id(t, p) for p, t in enumerate(tokens.tolist())]
 
 
-def target_rows(
-    rm: ReplacementModel, run: PromptRun, graph: Graph, frozen: FrozenGraph, nodes: list[int]
-):
+def target_rows(rm: ReplacementModel, graph: Graph, frozen: FrozenGraph, nodes: list[int]):
     """Injections reading each graph target node (a feature or a logit)."""
     W_U = rm.model.lm_head.weight
     rows = []
@@ -128,56 +126,59 @@ def head_loadings(
     out = torch.zeros(edges.numel(), L, H, dtype=torch.float32)
     if edges.numel() == 0:
         return HeadLoadings(edges, out)
-    targets = tgt.unique()
     columns = graph_columns(graph, sources, rm.clt.cfg.d_features)
+    # Targets in order of position, so that batches run on the shortest prefix graphs.
+    targets = tgt.unique()
+    targets = targets[pos[targets].argsort(stable=True)]
+    target_pos = pos[targets]
+    slot_of = torch.full((graph.n_nodes,), -1, dtype=torch.long)
+    slot_of[targets] = torch.arange(targets.numel())
+    by_slot = slot_of[tgt].argsort(stable=True)  # edges grouped by target slot
+    starts = torch.searchsorted(slot_of[tgt][by_slot], torch.arange(targets.numel() + 1))
 
     # Stage 1: ∂target/∂z at the target's position along paths that stay there.
-    stay = FrozenGraph(rm, run, batch_size, patterns="diagonal")
+    stay = PrefixGraphs(rm, run, batch_size, patterns="diagonal")
     dz = torch.zeros(targets.numel(), L, H, cfg.d_head, dtype=run.mlp_out.dtype)  # n,L,H,D
     z_taps = [Tap("z", j) for j in range(L)]
     for s in range(0, targets.numel(), batch_size):
         part = targets[s : s + batch_size].tolist()
-        grads = stay.backward(stay.injections(target_rows(rm, run, graph, stay, part)), wrt=z_taps)
+        at = target_pos[s : s + batch_size]
+        frozen = stay.covering(int(at.max()))
+        grads = frozen.backward(frozen.injections(target_rows(rm, graph, frozen, part)), wrt=z_taps)
         rows = torch.arange(len(part))
-        at = pos[torch.tensor(part)]
         dz[s : s + len(part)] = torch.stack([grads.taps[t][rows, at] for t in z_taps], dim=1).cpu()
     del stay
 
     # Stage 2: one row per (target, layer, head) whose last hop can carry something.
     jobs = []  # (target slot, layer, head)
-    for n, t in enumerate(targets.tolist()):
-        i = int(pos[t])
+    for n, i in enumerate(target_pos.tolist()):
         for j in range(L):
             off_diag = run.patterns[j][:, i, :i].abs().sum(-1)  # H
             for h in range(H):
                 if off_diag[h] > 0 and dz[n, j, h].any():
                     jobs.append((n, j, h))
-    edge_slot = torch.searchsorted(targets, tgt)  # which target slot each edge belongs to
-    full = FrozenGraph(rm, run, batch_size)
+    prefixes = PrefixGraphs(rm, run, batch_size)
+    dev = run.tokens.device
     for s in range(0, len(jobs), batch_size):
         part = jobs[s : s + batch_size]
+        frozen = prefixes.covering(int(target_pos[part[-1][0]]))
         inject: dict[Tap, torch.Tensor] = {}
+        pair_rows, pair_edges, pair_slots = [], [], []
         for r, (n, j, h) in enumerate(part):
             tap = Tap("v", j)
             if tap not in inject:
-                inject[tap] = full.injection(tap)  # B,K,T,D
-            i = int(pos[targets[n]])
+                inject[tap] = frozen.injection(tap)  # B,K,T',D
+            i = int(target_pos[n])
             weights = run.patterns[j][h, i, :i]  # i
             inject[tap][r, h // (H // K), :i] += weights[:, None] * dz[n, j, h].to(weights)
-        grads = full.backward(inject)
-        pair_rows, pair_cols, pair_slots = [], [], []
-        for r, (n, j, h) in enumerate(part):
-            e = (edge_slot == n).nonzero().squeeze(1)
+            e = by_slot[starts[n] : starts[n + 1]]
             pair_rows.append(torch.full((e.numel(),), r))
-            pair_cols.append(columns[src[e]])
-            pair_slots.append(torch.stack([e, torch.full_like(e, j), torch.full_like(e, h)], dim=1))
-        rows, cols, slots = torch.cat(pair_rows), torch.cat(pair_cols), torch.cat(pair_slots)
-        values = (
-            sources.pair_values(grads, rows.to(run.tokens.device), cols.to(run.tokens.device))
-            .float()
-            .cpu()
-        )
-        out[slots[:, 0], slots[:, 1], slots[:, 2]] += values
+            pair_edges.append(e)
+            pair_slots.append(torch.tensor([[j, h]]).expand(e.numel(), 2))
+        grads = frozen.backward(inject)
+        rows, e, jh = torch.cat(pair_rows), torch.cat(pair_edges), torch.cat(pair_slots)
+        values = sources.pair_values(grads, rows.to(dev), columns[src[e]].to(dev)).float().cpu()
+        out[e, jh[:, 0], jh[:, 1]] += values
     return HeadLoadings(edges, out)
 
 
@@ -198,26 +199,27 @@ def head_summary(
 
 
 class QKContext:
-    """What QK attributions on one prompt share: the full frozen graph, the bias-only values."""
+    """What QK attributions on one prompt share: the frozen (prefix) graphs, the bias-only values."""
 
     def __init__(
         self, rm: ReplacementModel, run: PromptRun, sources: SourceTable, batch_size: int = 64
     ):
         self.rm, self.run, self.sources = rm, run, sources
-        self.full = FrozenGraph(rm, run, batch_size)
+        self.prefixes = PrefixGraphs(rm, run, batch_size)
         bias_run = FrozenGraph(rm, run, 1, sources="bias")
         self.bias = {t: v.detach() for t, v in bias_run.taps.items()}  # forward values only
         self.ids = column_ids(sources, run.tokens.cpu())
 
     def contributions(self, tap: Tap, head: int, pos: int) -> torch.Tensor:
         """Every node's direct contribution to the D-vector at (tap, head, pos): n_cols,D."""
-        D, B = self.rm.cfg.d_head, self.full.batch_size
+        frozen = self.prefixes.covering(pos)
+        D, B = self.rm.cfg.d_head, frozen.batch_size
         parts = []
         for s in range(0, D, B):
-            inject = self.full.injection(tap)
+            inject = frozen.injection(tap)
             dims = torch.arange(s, min(s + B, D))
             inject[torch.arange(dims.numel()), head, pos, dims] = 1.0
-            parts.append(self.sources.row_values(self.full.backward({tap: inject}))[: dims.numel()])
+            parts.append(self.sources.row_values(frozen.backward({tap: inject}))[: dims.numel()])
         return torch.cat(parts).T
 
     def attribute(self, layer: int, head: int, query_pos: int, key_pos: int) -> QKAttribution:
@@ -250,20 +252,28 @@ class QKContext:
 
 def carrying_edges(
     graph: Graph, run: PromptRun, loadings: HeadLoadings, edge_weights: torch.Tensor, top: int
-):
+) -> list[tuple[int, int, int, int]]:
     """Open attention edges (layer, head, query i, key p) that carry a graph edge's direct hop
-    from its source's position p to its target's i, ranked by the attribution they carry."""
+    from its source's position p to its target's i, ranked by the attribution they carry
+    (each edge's weight spread over heads in proportion to |loading|)."""
+    P, L, H = loadings.loadings.shape
+    T = graph.n_pos
     pos = graph.node_positions()
-    carried: dict[tuple[int, int, int, int], float] = {}
+    i = pos[graph.edge_targets[loadings.edges]]  # P
+    p = pos[graph.edge_sources[loadings.edges]]
     a = loadings.loadings.abs()
-    share = a / a.flatten(1).sum(1).clamp(min=1e-30)[:, None, None]
-    for n, e in enumerate(loadings.edges.tolist()):
-        i, p = int(pos[graph.edge_targets[e]]), int(pos[graph.edge_sources[e]])
-        for j, h in (share[n] > 0).nonzero().tolist():
-            if run.patterns[j][h, i, p] > 0:
-                key = (j, h, i, p)
-                carried[key] = carried.get(key, 0.0) + float(edge_weights[n] * share[n, j, h])
-    return sorted(carried, key=carried.get, reverse=True)[:top]
+    share = a / a.flatten(1).sum(1).clamp(min=1e-30)[:, None, None]  # P,L,H
+    n, j, h = share.nonzero(as_tuple=True)
+    patterns = torch.stack(run.patterns).cpu()  # L,H,T,S
+    open_ = patterns[j, h, i[n], p[n]] > 0
+    n, j, h = n[open_], j[open_], h[open_]
+    key = ((j * H + h) * T + i[n]) * T + p[n]
+    carried = torch.zeros(L * H * T * T).index_add_(
+        0, key, (edge_weights.float()[n] * share[n, j, h])
+    )
+    best = carried.argsort(descending=True)[:top]
+    best = best[carried[best] > 0].tolist()
+    return [(k // (H * T * T), k // (T * T) % H, k // T % T, k % T) for k in best]
 
 
 def attention_attribution(

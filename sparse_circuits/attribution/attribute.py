@@ -2,7 +2,8 @@
 
 Phases (circuit-tracer's):
   1. the prompt run: one clean forward pass, split into CLT terms        (replacement.py)
-  2. the linear replacement model, one batched forward kept for every backward pass (frozen.py)
+  2. the linear replacement model: batched forward passes (on prefixes of the prompt) kept
+     for every backward pass (frozen.py)
   3. logit rows: each logit target's direct effects from every source   (sources.py)
   4. feature rows, in order of estimated influence on the logits, until `max_feature_nodes`
   5. the graph: rows of the visited features and the logits, columns restricted to visited
@@ -30,7 +31,7 @@ from ..io import read_json
 from ..sparse_attention.model import Transformer
 from ..sparse_attention.modeldir import load_model
 from .attention import attention_attribution
-from .frozen import FrozenGraph
+from .frozen import PrefixGraphs
 from .graph import Graph, logit_weights
 from .graph_json import write_graph_json
 from .inputs import TargetSpec, decode_tokens, resolve_targets, tokenize_prompt
@@ -117,8 +118,8 @@ def attribute(
 
     targets: token texts / ids or logit differences (see inputs.py); default: the salient
     logits. max_feature_nodes: how many active features get rows (None: all), chosen in order
-    of estimated influence, re-estimated after every `update_interval` batches (and at most
-    every 25 % growth of the rows, which bounds the estimates' cost)."""
+    of estimated influence. The estimate is renewed after `update_interval` batches, or after
+    the rows grow by a quarter if that is more (which bounds the estimates' total cost)."""
     if batch_size < 1 or update_interval < 1:
         raise ValueError("batch_size and update_interval must be positive")
     started = time.perf_counter()
@@ -143,19 +144,19 @@ def attribute(
         len(logit_targets),
     )
 
-    frozen = FrozenGraph(rm, run, batch_size)
+    prefixes = PrefixGraphs(rm, run, batch_size)
     rows = _Rows(sources.n_cols)
     W_U = model.lm_head.weight
     directions = torch.stack([t.direction(W_U) for t in logit_targets])  # n_logits,M
+    full = prefixes.covering(run.n_pos - 1)
     for s in range(0, len(logit_targets), batch_size):
         part = directions[s : s + batch_size]
-        values = sources.row_values(frozen.backward(frozen.injections(frozen.logit_rows(part))))[
-            : part.shape[0]
-        ]
-        rows.add(torch.arange(s, s + part.shape[0]) + sources.n_cols, values)
+        values = sources.row_values(full.backward(full.injections(full.logit_rows(part))))
+        rows.add(torch.arange(s, s + part.shape[0]) + sources.n_cols, values[: part.shape[0]])
 
     weights = logit_weights(logit_targets)
     visited = torch.zeros(N, dtype=torch.bool)
+    positions = sources.features[:, 1].cpu()
     with tqdm(total=budget, desc="feature rows", disable=not progress, unit="row") as bar:
         while int(visited.sum()) < budget:
             n_visited = int(visited.sum())
@@ -166,14 +167,17 @@ def attribute(
                 ranked = influence.argsort(descending=True)
                 queue = min(max(update_interval * batch_size, n_visited // 4), budget - n_visited)
                 pending = ranked[~visited[ranked]][:queue]
+            # By position, so that each batch runs on the shortest prefix graph it can.
+            pending = pending[positions[pending].argsort(stable=True)]
             for s in range(0, pending.numel(), batch_size):
                 idx = pending[s : s + batch_size]
+                frozen = prefixes.covering(int(positions[idx].max()))
                 inject = frozen.injections(frozen.feature_rows(sources.features[idx]))
                 values = sources.row_values(frozen.backward(inject))[: idx.numel()]
                 rows.add(idx, values)
                 visited[idx] = True
                 bar.update(idx.numel())
-    del frozen
+    del prefixes, full
 
     graph = _pack(rows, sources, visited, run, rm, logit_targets, tokenizer, prompt)
     graph.settings = {
@@ -191,23 +195,31 @@ def attribute(
 def _pack(
     rows: _Rows, sources: SourceTable, visited, run, rm, logit_targets, tokenizer, prompt
 ) -> Graph:
-    """The graph over the visited features: rows remapped, edges from unvisited features dropped."""
+    """The graph over the visited features: rows remapped, edges from unvisited features dropped.
+
+    Each row's entries are contiguous and sorted by column, and columns map to graph nodes in
+    order, so sorting the rows by target node sorts the edges by (target, source)."""
     N = sources.n_features
     selected = visited.nonzero().squeeze(1)
     Nf = selected.numel()
     to_node = torch.full((N,), -1, dtype=torch.long)
     to_node[selected] = torch.arange(Nf)
-    r, c, v, nodes, _ = rows.arrays()
-    row_node = nodes.long()[r]
-    c = c.long()
     logit_offset = Nf + sources.n_cols - N
-    target = torch.where(
-        row_node < N, to_node[row_node.clamp(max=N - 1)], row_node - sources.n_cols + logit_offset
-    )
+    r, c, v, nodes, _ = rows.arrays()
+    keep = (c >= N) | visited[c.clamp(max=N - 1)]
+    r, c, v = r[keep], c[keep].long(), v[keep]
     source = torch.where(c < N, to_node[c.clamp(max=N - 1)], c - N + Nf)
-    keep = (source >= 0) & (target >= 0)
-    target, source, v = target[keep], source[keep], v[keep]
-    order = torch.argsort(target * (logit_offset + len(logit_targets)) + source)
+    nodes = nodes.long()
+    row_target = torch.where(
+        nodes < N, to_node[nodes.clamp(max=N - 1)], nodes - sources.n_cols + logit_offset
+    )
+    counts = torch.bincount(r, minlength=nodes.numel())
+    starts = counts.cumsum(0) - counts
+    row_order = row_target.argsort()
+    seg_counts = counts[row_order]
+    seg_shift = starts[row_order] - (seg_counts.cumsum(0) - seg_counts)
+    order = torch.arange(int(counts.sum())) + seg_shift.repeat_interleave(seg_counts)
+    target = row_target.repeat_interleave(counts)
     feats = sources.features[selected].cpu()
     return Graph(
         prompt=prompt if isinstance(prompt, str) else "",

@@ -16,6 +16,7 @@ read it), the final norm's output (logits read it), and each layer's q, k, v, z.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, NamedTuple
@@ -202,3 +203,26 @@ class FrozenGraph:
         return LeafGrads(
             got[0], torch.stack(got[1 : 1 + L], dim=2), dict(zip(wrt, got[1 + L :], strict=True))
         )
+
+
+class PrefixGraphs:
+    """FrozenGraphs on prefixes of the prompt, built when first asked for. A target at
+    position p reads positions <= p only, so its backward pass can run on the shortest
+    prefix holding p; attention costs grow as T^2 per row, and the prefixes' lengths are
+    T/n, 2T/n, ..., T for n = `n_prefixes` (memory: about (n+1)(2n+1)/(6n) full graphs)."""
+
+    def __init__(
+        self, rm: ReplacementModel, run: PromptRun, batch_size: int, n_prefixes: int = 4, **kw
+    ):
+        self.rm, self.run, self.batch_size, self.kw = rm, run, batch_size, kw
+        T = run.n_pos
+        self.lengths = sorted({math.ceil(T * k / n_prefixes) for k in range(1, n_prefixes + 1)})
+        self.graphs: dict[int, FrozenGraph] = {}
+
+    def covering(self, max_pos: int) -> FrozenGraph:
+        """The shortest prefix graph that holds position `max_pos`."""
+        n = next(length for length in self.lengths if length > max_pos)
+        if n not in self.graphs:
+            run = self.run if n == self.run.n_pos else self.run.prefix(n)
+            self.graphs[n] = FrozenGraph(self.rm, run, self.batch_size, **self.kw)
+        return self.graphs[n]

@@ -102,6 +102,24 @@ class PromptRun:
     def n_pos(self) -> int:
         return self.tokens.numel()
 
+    def prefix(self, n: int) -> PromptRun:
+        """The run on the first n positions: a causal model's values there are the same."""
+        return PromptRun(
+            tokens=self.tokens[:n],
+            logits=self.logits[:n],
+            embeddings=self.embeddings[:n],
+            patterns=[p[:, :n, :n] for p in self.patterns],
+            scales={k: v[:n] for k, v in self.scales.items()},
+            queries=[q[:, :n] for q in self.queries],
+            keys=[k[:, :n] for k in self.keys],
+            mlp_in=self.mlp_in[:, :n],
+            mlp_out=self.mlp_out[:, :n],
+            pre_acts=self.pre_acts[:n],
+            features=self.features[:n],
+            reconstruction=self.reconstruction[:, :n],
+            errors=self.errors[:, :n],
+        )
+
     def active_features(self) -> torch.Tensor:
         """(layer, pos, index) of every active feature, sorted in that order: N,3."""
         pos, layer, index = self.features.nonzero(as_tuple=True)

@@ -78,20 +78,27 @@ class SourceTable:
         return self.embed_offset + self.n_pos
 
     def row_values(self, grads: LeafGrads) -> torch.Tensor:
-        """Every source's value in each row: B,n_cols."""
-        G = grads.mlp_out  # B,T,L,M
-        B, T, L, M = G.shape
+        """Every source's value in each row: B,n_cols. The gradients may cover a prefix of
+        the prompt only (T' <= T positions: a backward pass on a prefix graph); sources
+        beyond it get 0."""
+        G = grads.mlp_out  # B,T',L,M
+        B, Tp, L, M = G.shape
+        T = self.n_pos
         out = G.new_zeros(B, self.n_cols)
         for blk in self.blocks:
             Gi = (
-                G[:, :, blk.layer : blk.layer + blk.n_out].reshape(B, T, -1).transpose(0, 1)
-            )  # T,B,K*M
-            vals = torch.bmm(Gi, blk.vectors.transpose(1, 2))  # T,B,P
-            out[:, blk.cols] = vals[blk.pos, :, blk.slot].T
-        out[:, self.error_offset : self.embed_offset] = torch.einsum(
-            "btlm,ltm->blt", G, self.errors
-        ).reshape(B, L * T)
-        out[:, self.embed_offset :] = torch.einsum("btm,tm->bt", grads.embed, self.embeddings)
+                G[:, :, blk.layer : blk.layer + blk.n_out].reshape(B, Tp, -1).transpose(0, 1)
+            )  # T',B,K*M
+            vals = torch.bmm(Gi, blk.vectors[:Tp].transpose(1, 2))  # T',B,P
+            inside = blk.pos < Tp
+            out[:, blk.cols[inside]] = vals[blk.pos[inside], :, blk.slot[inside]].T
+        errors = (G * self.errors[:, :Tp].transpose(0, 1)).sum(-1)  # B,T',L
+        out[:, self.error_offset : self.embed_offset].view(B, L, T)[:, :, :Tp] = errors.transpose(
+            1, 2
+        )
+        out[:, self.embed_offset : self.embed_offset + Tp] = (
+            grads.embed * self.embeddings[:Tp]
+        ).sum(-1)
         return out
 
     def pair_values(self, grads: LeafGrads, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
