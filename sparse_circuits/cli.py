@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "attribute": ("sparse_circuits.attribution.attribute", "AttributeConfig", "run_attribute", "compute an attribution graph"),
     "harvest": ("sparse_circuits.clt.harvest", "HarvestConfig", "harvest", "record MLP inputs and outputs into a zarr store"),
     "train-clt": ("sparse_circuits.clt.train", "TrainCLTConfig", "train_clt", "train a cross-layer transcoder on an activation store"),
+    "eval-clt": ("sparse_circuits.clt.evaluate", "EvalCLTConfig", "eval_clt", "evaluate a CLT: FVU, L0, and the model with every MLP replaced by it"),
+    "export": ("sparse_circuits.clt.export", "ExportConfig", "export", "write a CLT in circuit-tracer's layout"),
+    "feature-stats": ("sparse_circuits.clt.features", "FeatureStatsConfig", "feature_stats", "per-feature top contexts, frequency, histogram and logits for the service"),
     "quickstart": ("sparse_circuits.quickstart", "QuickstartConfig", "quickstart", "the whole pipeline on the toy task"),
 }
 

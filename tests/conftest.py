@@ -33,6 +33,12 @@ def tiny_transformer(
 
 
 @pytest.fixture(scope="session")
+def make_tiny_model():
+    """`tiny_transformer` for tests that build their own (another seed or family)."""
+    return tiny_transformer
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A sparsified tiny gpt2-family model dir (no tokenizer: data comes as token files)."""
     return save_model(tiny_transformer(), tmp_path_factory.mktemp("model") / "tiny")
