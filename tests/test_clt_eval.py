@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+import zarr
 from safetensors import safe_open
 
 from sparse_circuits.cli import main
@@ -195,6 +196,13 @@ def test_store_rows_give_the_models_figures(tmp_path, tiny_model_dir, token_file
     assert from_store["spliced_ce_delta"] == from_model["spliced_ce_delta"]
     with pytest.raises(ValueError, match="2 layers of d_model 16.*2 layers of d_model 8"):
         evaluate_store(make_clt(d_model=8), store)
+    zarr.open_group(store, mode="r+").attrs["complete"] = False  # as while a harvest writes it
+    with pytest.raises(ValueError, match="incomplete"):
+        eval_clt(
+            EvalCLTConfig(
+                clt=clt_dir, model=tiny_model_dir, tokens_file=token_file, activations=store
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- export

@@ -177,12 +177,12 @@ class FeatureAccumulator:
         out = {
             "frequency": count / max(self.rows, 1),
             "mean_activation": torch.where(count > 0, self.sum / count.clamp(min=1), 0.0),
-            "max_activation": self.max,
+            "max_activation": self.max + 0.0,  # + 0.0: no -0.0 (a negative pre-activation masked)
             "top_activation": self.top_value.clamp(min=0),
             "top_doc": self.top_doc,
             "top_pos": self.top_pos.to(torch.int32),
             "top_window_tokens": self.top_tokens.to(torch.int32),
-            "top_window_activations": self.top_acts,
+            "top_window_activations": self.top_acts + 0.0,
             "histogram_counts": self.hist,
             "histogram_bin_width": width,
         }
