@@ -5,7 +5,10 @@ while keeping its loss.
     subject to CE(θ) ≤ τ,   τ = max((1 + rel) · CE_dense, CE_dense + abs) on held-out data
 
     L = R + λ · (CE − τ)  [+ w · KL(dense ‖ model)]
-    λ ← clamp(λ · exp(clamp(η · EMA(CE − τ), ±max_log_step)), λ_min, λ_max)   (GECO-style)
+    λ ← clamp(λ · exp(clamp(η · EMA(CE_hard − τ), ±max_log_step)), λ_min, λ_max)   (GECO-style)
+
+CE in the loss is the noisy-gate CE that carries gradients; CE_hard, which drives λ, is the
+same batch's CE with deterministic gates, the model inference will run.
 
 The gate offset b starts high (gates open) and is annealed to 0. The schedules are pure
 functions of the step, and λ with its EMA is checkpointed, so a killed run resumes exactly.
@@ -145,13 +148,18 @@ def sparsify(cfg: SparsifyConfig) -> Path:
                 kl = F.kl_div(o.logits.float().log_softmax(-1), t_logits.float().log_softmax(-1), log_target=True, reduction="batchmean") / x.shape[1]
                 loss = loss + cfg.distill_weight * kl
         loss.backward()
-        ce = o.loss.item()
+        # λ follows the deterministic-gate CE, the one inference has: the noisy-gate CE sits
+        # above τ by the noise alone, which would ratchet λ to its clamp and stall sparsity.
+        with torch.no_grad():
+            model.set_gate("hard", offset)
+            hard_ce = trainee(x, y).loss.item()
         lam_used = state["lambda"]
-        state["lambda"], state["ema"] = update_lambda(state["lambda"], state["ema"], ce - tau, cfg)
+        state["lambda"], state["ema"] = update_lambda(state["lambda"], state["ema"], hard_ce - tau, cfg)
         T = x.shape[1]
         hard_edges = torch.stack([s.open_edges for s in o.gate_stats]).double()  # L,B,H
         return {
-            "ce": ce,
+            "ce": o.loss.item(),
+            "hard_ce": hard_ce,
             "tau": tau,
             "lambda": lam_used,
             "constraint_ema": state["ema"],
