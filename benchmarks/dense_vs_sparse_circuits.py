@@ -4,6 +4,8 @@ For each prompt of a set, the attribution graph of the dense model (with its CLT
 sparsified model (with its own CLT), each pruned at the defaults (0.8 / 0.98), and:
   edges for 80 %   the fewest edges of the full graph whose edge influence (normalised
                    |weight| x its target's influence on the logits) holds 80 % of the total
+  cross-position   the same among the edges between positions only (those attention
+  edges for 80 %   carries), against their own total
   heads for 80 %   the fewest heads whose share of the pruned graph's attention-mediated
                    attribution (cross-position edges' influence, split by head loadings)
                    holds 80 %
@@ -120,9 +122,13 @@ def circuit_size(model, clt, clt_info, tokenizer, ids: list[int], target: int, a
         model=model, clt=clt, graph=graph, pruned=pruned, batch_size=args.batch_size
     )
     probs = graph.logit_targets[0].prob
+    pos = graph.node_positions()
+    cross = pos[graph.edge_sources] < pos[graph.edge_targets]
     return {
         "edges": graph.n_edges,
         "edges_for_80pct": count_for_coverage(pruned.edge_scores, args.coverage),
+        "cross_edges": int(cross.sum()),
+        "cross_edges_for_80pct": count_for_coverage(pruned.edge_scores[cross], args.coverage),
         "pruned_edges": int(pruned.edge_mask.sum()),
         "pruned_nodes": int(pruned.node_mask.sum()),
         "heads_for_80pct": att.summary.n_heads,
@@ -186,23 +192,19 @@ def main(argv: list[str] | None = None) -> dict:
     def med(key: str, name: str) -> float:
         return statistics.median(r[name][key] for r in rows)
 
-    ratios = [r["dense"]["edges_for_80pct"] / max(r["sparse"]["edges_for_80pct"], 1) for r in rows]
+    def ratios(key: str) -> list[float]:
+        return [r["dense"][key] / max(r["sparse"][key], 1) for r in rows]
+
+    def spread(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    keys = ("edges_for_80pct", "cross_edges_for_80pct", "heads_for_80pct")
     summary = {
-        "median_edges_for_80pct": {
-            "dense": med("edges_for_80pct", "dense"),
-            "sparse": med("edges_for_80pct", "sparse"),
-        },
-        "edge_ratio_dense_over_sparse": {
-            "median": statistics.median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-        },
-        "median_heads_for_80pct": {
-            "dense": med("heads_for_80pct", "dense"),
-            "sparse": med("heads_for_80pct", "sparse"),
-        },
-        "paper": PAPER,
+        f"median_{k}": {v: statistics.median(r[v][k] for r in rows) for v in variants} for k in keys
     }
+    summary["edge_ratio_dense_over_sparse"] = spread(ratios("edges_for_80pct"))
+    summary["cross_edge_ratio_dense_over_sparse"] = spread(ratios("cross_edges_for_80pct"))
+    summary["paper"] = PAPER
     result = {"prompts": args.prompts, "models": {"dense": str(args.dense_model), "sparse": str(args.sparse_model)},
               "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))},
               "summary": summary, "rows": rows}  # fmt: skip
@@ -210,18 +212,20 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
 
-    print("| prompt | edges for 80 % dense | sparse | ratio | heads for 80 % dense | sparse |")
-    print("|---|---|---|---|---|---|")
-    for r, ratio in zip(rows, ratios, strict=True):
+    print("| prompt | edges for 80 %: dense | sparse | cross-position edges for 80 %: dense | sparse "
+          "| heads for 80 %: dense | sparse |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
         d, s = r["dense"], r["sparse"]
-        print(f"| {r['prompt']!r} | {d['edges_for_80pct']} | {s['edges_for_80pct']} | {ratio:.1f}x | "
-              f"{d['heads_for_80pct']}/{d['total_heads']} | {s['heads_for_80pct']}/{s['total_heads']} |")  # fmt: skip
-    e, h = summary["edge_ratio_dense_over_sparse"], summary["median_heads_for_80pct"]
+        print(f"| {r['prompt']!r} | {d['edges_for_80pct']} | {s['edges_for_80pct']} | {d['cross_edges_for_80pct']} | "
+              f"{s['cross_edges_for_80pct']} | {d['heads_for_80pct']}/{d['total_heads']} | "
+              f"{s['heads_for_80pct']}/{s['total_heads']} |")  # fmt: skip
+    e, c = summary["edge_ratio_dense_over_sparse"], summary["cross_edge_ratio_dense_over_sparse"]
+    h = summary["median_heads_for_80pct"]
+    print(f"\nmedian dense/sparse ratio, edges for 80 %: {e['median']:.1f}x (range {e['min']:.1f}-{e['max']:.1f}x); "
+          f"cross-position edges: {c['median']:.1f}x (range {c['min']:.1f}-{c['max']:.1f}x). Paper: {PAPER['edges']}")  # fmt: skip
     print(
-        f"\nmedian edge ratio {e['median']:.1f}x (range {e['min']:.1f}-{e['max']:.1f}x); paper: {PAPER['edges']}"
-    )
-    print(
-        f"median heads for 80 %: dense {h['dense']}, sparse {h['sparse']}; paper: {PAPER['heads']}"
+        f"median heads for 80 %: dense {h['dense']}, sparse {h['sparse']}. Paper: {PAPER['heads']}"
     )
     print(f"wrote {out}")
     return result

@@ -337,6 +337,15 @@ def run_attribute(config: AttributeConfig) -> Path:
             batch_size=config.batch_size,
             qk_edges=qk,
         )
+    log.info(
+        "%d feature nodes, %d edges; pruned to %d nodes, %d edges; replacement %.3f, completeness %.3f",
+        graph.n_features, graph.n_edges, int(pruned.node_mask.sum()), int(pruned.edge_mask.sum()),
+        scores["pruned"].replacement, scores["pruned"].completeness,
+    )  # fmt: skip
+    if attention is not None:
+        s = attention.summary
+        log.info("%d of %d heads carry %.0f %% of the attention-mediated attribution; %d QK attributions",
+                 s.n_heads, s.total_heads, 100 * s.coverage, len(attention.qk))  # fmt: skip
     write_graph_json(
         config.out, graph, pruned, scores=scores, attention=attention,
         slug=config.slug or Path(config.out).stem, scan=config.scan or Path(config.model).name,
