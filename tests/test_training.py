@@ -136,8 +136,13 @@ def test_train_toy_writes_a_model_dir(toy_model):
 
 def test_sparsify_writes_metrics_gate_and_picture(toy_model, tmp_path):
     out = tmp_path / "sparse"
-    assert main(["sparsify", "--model", str(toy_model), "--out", str(out), "--steps", "30", "--batch-size", "32", "--eval-sequences", "200"]) == 0
+    args = ["--steps", "30", "--batch-size", "32", "--eval-sequences", "200", "--select-every", "5"]
+    assert main(["sparsify", "--model", str(toy_model), "--out", str(out), *args]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    if metrics["selected_step"] < 30:  # the final weights are the chosen snapshot's
+        best = load_tensors(out / "best.safetensors")
+        saved = load_tensors(out / "model.safetensors")
+        assert metrics["selected_step"] in (20, 25) and torch.equal(best["embed.weight"], saved["embed.weight"])
     need = {"dense_loss", "loss", "connectivity", "keys_per_query", "context_length", "dense_accuracy", "accuracy"}
     assert need <= set(metrics)
     assert 0 <= metrics["connectivity"] <= 1 and metrics["context_length"] == 9

@@ -12,6 +12,10 @@ same batch's CE with deterministic gates, the model inference will run.
 
 The gate offset b starts high (gates open) and is annealed to 0. The schedules are pure
 functions of the step, and λ with its EMA is checkpointed, so a killed run resumes exactly.
+
+λ can overshoot in either direction, so after annealing, every `select_every` steps the
+weights are checked on validation sequences (held out, and apart from the reported ones);
+the sparsest weights whose deterministic-gate CE keeps to τ there are the ones saved.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from ..io import claim_run_dir, write_json
+from ..io import claim_run_dir, load_tensors, save_tensors, write_json
 from .connectivity import evaluate
 from .hooks import capture
 from .data import DataSpec, TokenData, load_token_data, save_data_spec
@@ -65,6 +69,10 @@ class SparsifyConfig(OptimConfig):
     lora_rank: int = Field(0, ge=0, description="LoRA rank (peft) for models too big to fine-tune whole; 0 = full.")
     eval_sequences: int = Field(512, gt=0, description="Held-out sequences for τ and the final metrics.")
     eval_batch_size: int = Field(64, gt=0)
+    select_sequences: int = Field(
+        128, ge=0, description="Held-out sequences, apart from the reported ones, for choosing the final weights."
+    )
+    select_every: int = Field(50, gt=0, description="Steps between checks of a candidate for the final weights.")
     figure_index: int = Field(0, ge=0, description="Held-out sequence drawn in attention_patterns.png.")
 
     @model_validator(mode="after")
@@ -127,8 +135,22 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     dense_patterns = _patterns(model, sample)
 
     trainee: torch.nn.Module = _wrap_lora(model, cfg.lora_rank) if cfg.lora_rank else model
-    state = {"lambda": cfg.lambda_init, "ema": 0.0}
+    state = {"lambda": cfg.lambda_init, "ema": 0.0, "best_step": -1, "best_connectivity": 2.0}
     anneal_steps = int(cfg.gate_offset_anneal * cfg.steps)
+    n_eval = held_x.shape[0]
+    val_x = data.heldout_inputs[n_eval : n_eval + cfg.select_sequences]
+    val_y = data.heldout_targets[n_eval : n_eval + cfg.select_sequences]
+    best_path = out / "best.safetensors"
+
+    def select(step: int) -> None:
+        """Keep the sparsest weights that meet the constraint on the validation sequences."""
+        if val_x.shape[0] == 0 or step < anneal_steps or (step + 1) % cfg.select_every:
+            return
+        model.set_gate("hard", 0.0)
+        check = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, task=task)
+        if check["loss"] <= tau and check["connectivity"] < state["best_connectivity"]:
+            save_tensors(best_path, {k: v.clone() for k, v in trainee.state_dict().items()})  # clone: tied weights
+            state["best_step"], state["best_connectivity"] = step + 1, check["connectivity"]
 
     def step_fn(step: int) -> dict[str, float]:
         offset = gate_offset_at(step, start=cfg.gate_offset_start, anneal_steps=anneal_steps)
@@ -170,7 +192,12 @@ def sparsify(cfg: SparsifyConfig) -> Path:
             "kl": kl.item(),
         }
 
-    run_training(model=trainee, cfg=cfg, out=out, step_fn=step_fn, extra_state=state, desc=f"sparsify {out.name}")
+    run_training(
+        model=trainee, cfg=cfg, out=out, step_fn=step_fn, extra_state=state, after_step=select, desc=f"sparsify {out.name}"
+    )
+    if state["best_step"] >= 0:
+        trainee.load_state_dict(load_tensors(best_path))
+        log.info("final weights: step %d (validation connectivity %.4f)", state["best_step"], state["best_connectivity"])
     if cfg.lora_rank:
         model = trainee.merge_and_unload()
 
@@ -183,6 +210,7 @@ def sparsify(cfg: SparsifyConfig) -> Path:
         **sparse,
         "lambda": state["lambda"],
         "steps": cfg.steps,
+        "selected_step": state["best_step"] if state["best_step"] >= 0 else cfg.steps,
     }
     if task is not None:
         metrics["dense_accuracy"] = dense["accuracy"]

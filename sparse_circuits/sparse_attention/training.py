@@ -63,12 +63,14 @@ def run_training(
     out: Path,
     step_fn: Callable[[int], dict[str, float]],
     extra_state: dict | None = None,
+    after_step: Callable[[int], None] | None = None,
     desc: str = "train",
 ) -> dict[str, float]:
     """Train `model` for cfg.steps, resuming from `out/checkpoints` if a checkpoint is there.
 
     `extra_state` (plain numbers, e.g. a Lagrange multiplier) is saved with each checkpoint
-    and restored in place on resume.
+    and restored in place on resume. `after_step(step)` runs after each update, before that
+    step's checkpoint, so what it records in `extra_state` is saved with it.
     """
     extra_state = extra_state if extra_state is not None else {}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,6 +112,8 @@ def run_training(
         metrics = step_fn(step)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step(step)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             record = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **metrics}
             append_jsonl(log_path, record)
