@@ -18,12 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from ..clt.model import CrossLayerTranscoder
+from ..clt.splice import check_compatible
 from ..sparse_attention.hooks import capture
 from ..sparse_attention.model import Transformer
-
-# The hook points our CLTs read and write (clt/train.py records them in the CLT's config.json).
-FEATURE_INPUT_HOOK = "blocks.{layer}.hook_mlp_in"
-FEATURE_OUTPUT_HOOK = "blocks.{layer}.hook_mlp_out"
 
 
 def norm_scale_hooks(n_layers: int) -> list[str]:
@@ -32,32 +29,6 @@ def norm_scale_hooks(n_layers: int) -> list[str]:
         f"blocks.{li}.{n}.hook_scale" for li in range(n_layers) for n in ("attn_norm", "mlp_norm")
     ]
     return names + ["final_norm.hook_scale"]
-
-
-def check_compatible(
-    model: Transformer, clt: CrossLayerTranscoder, clt_info: dict | None = None
-) -> None:
-    """Raise a ValueError naming the mismatch if `clt` cannot replace `model`'s MLPs.
-
-    `clt_info` is the CLT dir's config.json (its hook names, when recorded, must be ours)."""
-    mc, cc = model.cfg, clt.cfg
-    if cc.n_layers != mc.n_layers:
-        raise ValueError(f"the CLT has {cc.n_layers} layers but the model has {mc.n_layers}")
-    if cc.d_model != mc.d_model:
-        raise ValueError(
-            f"the CLT reads width {cc.d_model} but the model's d_model is {mc.d_model}"
-        )
-    info = clt_info or {}
-    for key, ours in (
-        ("feature_input_hook", FEATURE_INPUT_HOOK),
-        ("feature_output_hook", FEATURE_OUTPUT_HOOK),
-    ):
-        theirs = info.get(key)
-        if theirs is not None and theirs != ours:
-            raise ValueError(
-                f"the CLT's {key} is {theirs!r}; attribution replaces MLPs read at {FEATURE_INPUT_HOOK!r} "
-                f"and written at {FEATURE_OUTPUT_HOOK!r}"
-            )
 
 
 def check_tokens(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
