@@ -15,7 +15,8 @@ functions of the step, and λ with its EMA is checkpointed, so a killed run resu
 
 λ can overshoot in either direction, so after annealing, every `select_every` steps the
 weights are checked on validation sequences (held out, and apart from the reported ones);
-the sparsest weights whose deterministic-gate CE keeps to τ there are the ones saved.
+the sparsest weights whose deterministic-gate CE keeps to τ there (and, on tasks, whose
+accuracy stays within `accuracy_tolerance` of dense) are the ones saved.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ class SparsifyConfig(OptimConfig):
     lambda_max: float = Field(1e4, gt=0)
     lambda_max_log_step: float = Field(0.05, gt=0, description="Largest change of log λ in one step.")
     tolerance_rel: float = Field(0.02, ge=0, description="τ = max((1+rel)·CE_dense, CE_dense+abs).")
-    tolerance_abs: float = Field(0.01, ge=0, description="Absolute floor of the tolerance, in nats.")
+    tolerance_abs: float = Field(0.005, ge=0, description="Absolute floor of the tolerance, in nats.")
+    accuracy_tolerance: float = Field(
+        0.005, ge=0, le=1, description="Tasks: chosen weights keep validation accuracy within this of dense."
+    )
     distill_weight: float = Field(0.0, ge=0, description="Weight of KL(dense ‖ sparse) distillation; 0 disables.")
     lora_rank: int = Field(0, ge=0, description="LoRA rank (peft) for models too big to fine-tune whole; 0 = full.")
     eval_sequences: int = Field(512, gt=0, description="Held-out sequences for τ and the final metrics.")
@@ -142,13 +146,16 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     val_y = data.heldout_targets[n_eval : n_eval + cfg.select_sequences]
     best_path = out / "best.safetensors"
 
+    dense_val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, task=task) if len(val_x) else {}
+
     def select(step: int) -> None:
         """Keep the sparsest weights that meet the constraint on the validation sequences."""
         if val_x.shape[0] == 0 or step < anneal_steps or (step + 1) % cfg.select_every:
             return
         model.set_gate("hard", 0.0)
         check = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, task=task)
-        if check["loss"] <= tau and check["connectivity"] < state["best_connectivity"]:
+        accurate = task is None or check["accuracy"] >= dense_val["accuracy"] - cfg.accuracy_tolerance
+        if check["loss"] <= tau and accurate and check["connectivity"] < state["best_connectivity"]:
             save_tensors(best_path, {k: v.clone() for k, v in trainee.state_dict().items()})  # clone: tied weights
             state["best_step"], state["best_connectivity"] = step + 1, check["connectivity"]
 

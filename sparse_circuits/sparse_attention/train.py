@@ -47,7 +47,10 @@ class ToyTrainConfig(ArchitectureFields):
 
     task: Literal["addition"] = Field("addition", description="The toy task.")
     out: Path = Field(description="Model directory to write.")
-    steps: int = Field(2000, gt=0)
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Problems held out: half reported, half for sparsify's choice of weights."
+    )
+    steps: int = Field(1500, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -92,7 +95,7 @@ def _train_dense(cfg: OptimConfig, model: Transformer, data: TokenData, out: Pat
 
 def train_toy(cfg: ToyTrainConfig) -> Path:
     out = claim_run_dir(cfg.out, "train-toy", cfg.model_dump(mode="json"))
-    data = build_data(DataSpec(task=cfg.task, seed=cfg.seed))
+    data = build_data(DataSpec(task=cfg.task, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction))
     model = Transformer(cfg.model_config_for(data.tokenizer.get_vocab_size(), data.context_length, bos_token_id=0))
     _train_dense(cfg, model, data, out, task=cfg.task)
     return out
