@@ -27,7 +27,7 @@ SETTINGS = {
         "dense": ["pretrain", "--corpus", "stdlib", "--vocab-size", "2048", "--batch-size", "8", "--steps", "1500",
                   "--lr", "2e-3", "--context-length", "256"],
         "sparse": ["sparsify", "--batch-size", "8", "--steps", "1000", "--lr", "5e-4", "--eval-sequences", "128",
-                   "--eval-batch-size", "8"],
+                   "--eval-batch-size", "8", "--lambda-max-log-step", "0.02"],
     },
 }  # fmt: skip
 
