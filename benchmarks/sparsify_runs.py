@@ -42,7 +42,10 @@ def run(setting: str, work: Path) -> dict:
     if not (sparse / "metrics.json").exists():
         assert cli([*spec["sparse"], "--model", str(dense), "--out", str(sparse)]) == 0
     t2 = time.perf_counter()
-    dm, sm = json.loads((dense / "metrics.json").read_text()), json.loads((sparse / "metrics.json").read_text())
+    dm, sm = (
+        json.loads((dense / "metrics.json").read_text()),
+        json.loads((sparse / "metrics.json").read_text()),
+    )
     result = {
         "setting": setting,
         "dense_loss": sm["dense_loss"],
@@ -62,7 +65,9 @@ def run(setting: str, work: Path) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--work", type=Path, default=Path("runs"))
     args = parser.parse_args()

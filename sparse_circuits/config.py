@@ -45,17 +45,31 @@ def _scalar_type(annotation: Any) -> tuple[Any, list | None, bool]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[BaseModel]) -> None:
-    parser.add_argument("--config", type=Path, help="JSON or YAML file with this stage's config; flags override it")
+    parser.add_argument(
+        "--config", type=Path, help="JSON or YAML file with this stage's config; flags override it"
+    )
     for name, field in config_cls.model_fields.items():
         help_ = field.description or ""
         if field.annotation is bool:
-            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_,
+            )
             continue
         type_, choices, is_list = _scalar_type(field.annotation)
         if type_ is None:
             continue
         parser.add_argument(
-            _flag(name), dest=name, type=type_, choices=choices, nargs="+" if is_list else None, default=None, help=help_
+            _flag(name),
+            dest=name,
+            type=type_,
+            choices=choices,
+            nargs="+" if is_list else None,
+            default=None,
+            help=help_,
         )
 
 
@@ -82,5 +96,7 @@ def validate_config(config_cls: type[BaseModel], data: dict):
     try:
         return config_cls.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
+        )
         raise ConfigError(f"invalid {config_cls.__name__}: {problems}") from None

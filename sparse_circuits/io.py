@@ -54,9 +54,15 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata=metadata,
+        )
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -92,10 +98,14 @@ def claim_run_dir(out: str | os.PathLike, stage: str, config: dict, resume: bool
                 "different config); choose a new --out or delete it yourself"
             )
         if not resume:
-            raise RunDirError(f"output directory {out} already holds this run; pass --resume to continue it")
+            raise RunDirError(
+                f"output directory {out} already holds this run; pass --resume to continue it"
+            )
         return out
     if out.exists() and any(out.iterdir()):
-        raise RunDirError(f"output directory {out} is not empty and holds no run of ours; choose a new --out")
+        raise RunDirError(
+            f"output directory {out} is not empty and holds no run of ours; choose a new --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"stage": stage, "config": config})
     return out
@@ -104,7 +114,9 @@ def claim_run_dir(out: str | os.PathLike, stage: str, config: dict, resume: bool
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2
+) -> Path:
     """Write `root/step_{step}/` as a whole directory, then point `root/latest` at it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -112,7 +124,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=root))
     try:
         # clone: tied weights share storage, which safetensors refuses
-        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        save_file(
+            {k: v.detach().cpu().clone() for k, v in tensors.items()},
+            str(tmp / "tensors.safetensors"),
+        )
         torch.save(state, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)

@@ -23,7 +23,9 @@ class QuickstartConfig(BaseModel):
     CLT on them, and compute one attribution graph."""
 
     model_config = ConfigDict(extra="forbid")
-    data_dir: Path = Field(Path("sparse-circuits-data"), description="Where every stage writes its artifact.")
+    data_dir: Path = Field(
+        Path("sparse-circuits-data"), description="Where every stage writes its artifact."
+    )
     no_serve: bool = Field(False, description="Stop after the pipeline instead of serving it.")
     device: str = Field("cpu", description="torch device for every stage.")
 
@@ -52,7 +54,9 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     if "spliced_ce_delta" not in read_json(clt / "metrics.json"):
         eval_clt(EvalCLTConfig(clt=clt, model=sparse, device=cfg.device))
     if not graph.is_file():
-        run_attribute(AttributeConfig(model=sparse, clt=clt, prompt=PROMPT, out=graph, device=cfg.device))
+        run_attribute(
+            AttributeConfig(model=sparse, clt=clt, prompt=PROMPT, out=graph, device=cfg.device)
+        )
     log.info("pipeline done: models, activations, CLT and graph under %s", root)
     if not cfg.no_serve:
         log.info("the server stage is not part of this release yet")

@@ -471,7 +471,9 @@ def test_bad_input_is_named(tmp_path, tiny_model_dir, token_file, stats_run):
 
     with pytest.raises(ValueError, match="the CLT has 3 layers but the model has 2"):
         run(make_clt(n_layers=3))
-    with pytest.raises(ValueError, match=r"the CLT has width \(d_model\) 8 but the model has d_model 16"):
+    with pytest.raises(
+        ValueError, match=r"the CLT has width \(d_model\) 8 but the model has d_model 16"
+    ):
         run(make_clt(d_model=8, seed=1))
     good = save_clt(make_clt(), tmp_path / "good")
     (good / "W_dec_1.safetensors").unlink()

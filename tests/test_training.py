@@ -18,10 +18,27 @@ import torch
 from sparse_circuits.cli import main
 from sparse_circuits.io import load_tensors
 from sparse_circuits.sparse_attention.connectivity import evaluate
-from sparse_circuits.sparse_attention.data import DataSpec, build_data, load_texts, pack, stdlib_source_files, train_bpe_tokenizer
+from sparse_circuits.sparse_attention.data import (
+    DataSpec,
+    build_data,
+    load_texts,
+    pack,
+    stdlib_source_files,
+    train_bpe_tokenizer,
+)
 from sparse_circuits.sparse_attention.modeldir import load_model
-from sparse_circuits.sparse_attention.sparsify import SparsifyConfig, gate_offset_at, tolerance, update_lambda
-from sparse_circuits.sparse_attention.toy import addition_data, addition_text, addition_tokenizer, exact_match
+from sparse_circuits.sparse_attention.sparsify import (
+    SparsifyConfig,
+    gate_offset_at,
+    tolerance,
+    update_lambda,
+)
+from sparse_circuits.sparse_attention.toy import (
+    addition_data,
+    addition_text,
+    addition_tokenizer,
+    exact_match,
+)
 from sparse_circuits.sparse_attention.training import lr_at
 
 TINY = ["--n-layers", "2", "--d-model", "32", "--n-heads", "2", "--batch-size", "32"]
@@ -46,7 +63,9 @@ def test_tolerance_has_an_absolute_floor():
 
 
 def test_lambda_update_is_bounded_per_step_and_clamped():
-    cfg = SparsifyConfig(model=Path("m"), out=Path("o"), lambda_ema=0.0, lambda_max_log_step=0.05, lambda_max=2.0)
+    cfg = SparsifyConfig(
+        model=Path("m"), out=Path("o"), lambda_ema=0.0, lambda_max_log_step=0.05, lambda_max=2.0
+    )
     lam, ema = update_lambda(1.0, 0.0, violation=100.0, cfg=cfg)  # one CE spike
     assert ema == 100.0 and lam == pytest.approx(math.exp(0.05))
     lam, _ = update_lambda(1.0, 0.0, violation=-100.0, cfg=cfg)
@@ -86,14 +105,18 @@ def test_batches_depend_only_on_seed_and_step():
 
 def test_text_corpus_through_datasets(tmp_path):
     (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": f"print({i} * {i})"}) for i in range(50)))
+    (tmp_path / "b.jsonl").write_text(
+        "\n".join(json.dumps({"body": f"print({i} * {i})"}) for i in range(50))
+    )
     texts = load_texts([str(tmp_path / "a.txt")])
     assert len(texts) == 1 and texts[0].startswith("def f")
     assert len(load_texts([str(tmp_path / "b.jsonl")], text_field="body")) == 50
     tok = train_bpe_tokenizer(texts + ["print(1)"], vocab_size=300)
     seqs = pack(texts, tok, context_length=16)
     assert seqs.shape[1] == 17 and seqs.dtype == torch.int64
-    data = build_data(DataSpec(corpus=[str(tmp_path / "a.txt")], context_length=16, heldout_fraction=0.2), tok)
+    data = build_data(
+        DataSpec(corpus=[str(tmp_path / "a.txt")], context_length=16, heldout_fraction=0.2), tok
+    )
     assert torch.equal(data.train_inputs[:, 1:], data.train_targets[:, :-1])
 
 
@@ -128,7 +151,13 @@ def test_train_toy_writes_a_model_dir(toy_model):
     metrics = json.loads((toy_model / "metrics.json").read_text())
     assert {"accuracy", "loss"} <= set(metrics)
     assert metrics["loss"] < math.log(13)  # better than uniform over the vocabulary
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "data.json", "metrics.jsonl"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "data.json",
+        "metrics.jsonl",
+    ):
         assert (toy_model / name).is_file()
     model, tok = load_model(toy_model)
     assert tok.get_vocab_size() == 13 and model.cfg.gate is None
@@ -142,8 +171,18 @@ def test_sparsify_writes_metrics_gate_and_picture(toy_model, tmp_path):
     if metrics["selected_step"] < 30:  # the final weights are the chosen snapshot's
         best = load_tensors(out / "best.safetensors")
         saved = load_tensors(out / "model.safetensors")
-        assert metrics["selected_step"] in (20, 25) and torch.equal(best["embed.weight"], saved["embed.weight"])
-    need = {"dense_loss", "loss", "connectivity", "keys_per_query", "context_length", "dense_accuracy", "accuracy"}
+        assert metrics["selected_step"] in (20, 25) and torch.equal(
+            best["embed.weight"], saved["embed.weight"]
+        )
+    need = {
+        "dense_loss",
+        "loss",
+        "connectivity",
+        "keys_per_query",
+        "context_length",
+        "dense_accuracy",
+        "accuracy",
+    }
     assert need <= set(metrics)
     assert 0 <= metrics["connectivity"] <= 1 and metrics["context_length"] == 9
     assert (out / "attention_patterns.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -155,13 +194,27 @@ def test_sparsify_writes_metrics_gate_and_picture(toy_model, tmp_path):
     assert again["connectivity"] == pytest.approx(metrics["connectivity"])
     assert again["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"ce", "tau", "lambda", "open", "hard_connectivity", "keys_per_query"} <= set(records[-1])
+    assert {"ce", "tau", "lambda", "open", "hard_connectivity", "keys_per_query"} <= set(
+        records[-1]
+    )
 
 
 def test_sparsify_with_lora_and_distillation(toy_model, tmp_path):
     out = tmp_path / "lora"
-    args = ["sparsify", "--model", str(toy_model), "--out", str(out), "--steps", "6", "--batch-size", "16"]
-    assert main([*args, "--lora-rank", "4", "--distill-weight", "0.5", "--eval-sequences", "64"]) == 0
+    args = [
+        "sparsify",
+        "--model",
+        str(toy_model),
+        "--out",
+        str(out),
+        "--steps",
+        "6",
+        "--batch-size",
+        "16",
+    ]
+    assert (
+        main([*args, "--lora-rank", "4", "--distill-weight", "0.5", "--eval-sequences", "64"]) == 0
+    )
     model, _ = load_model(out)
     assert not any("lora" in k for k in model.state_dict())
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["kl"] >= 0
@@ -180,10 +233,17 @@ def test_sparsify_resumes_after_sigkill_exactly(toy_model, tmp_path):
     subprocess.run(_sparsify_cmd(toy_model, clean), check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_sparsify_cmd(toy_model, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _sparsify_cmd(toy_model, killed),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pointer = killed / "checkpoints" / "latest"
     deadline = time.time() + 120
-    while time.time() < deadline and not (pointer.exists() and pointer.read_text().strip() >= "step_00000015"):
+    while time.time() < deadline and not (
+        pointer.exists() and pointer.read_text().strip() >= "step_00000015"
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -191,7 +251,9 @@ def test_sparsify_resumes_after_sigkill_exactly(toy_model, tmp_path):
     assert not (killed / "metrics.json").exists(), "the run finished before it was killed"
     subprocess.run(_sparsify_cmd(toy_model, killed), check=True, env=env, capture_output=True)
 
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(40))  # every step once
     a, b = load_tensors(clean / "model.safetensors"), load_tensors(killed / "model.safetensors")
     for k in a:
@@ -205,7 +267,9 @@ def test_sparsify_resumes_after_sigkill_exactly(toy_model, tmp_path):
 
 def test_output_dir_holding_another_run_is_refused_and_kept(toy_model, tmp_path, capsys):
     before = {p: p.read_bytes() for p in toy_model.iterdir() if p.is_file()}
-    assert main(["sparsify", "--model", str(toy_model), "--out", str(toy_model), "--steps", "2"]) == 2
+    assert (
+        main(["sparsify", "--model", str(toy_model), "--out", str(toy_model), "--steps", "2"]) == 2
+    )
     assert "holds another run" in capsys.readouterr().err
     assert before == {p: p.read_bytes() for p in toy_model.iterdir() if p.is_file()}
     stranger = tmp_path / "stranger"
@@ -217,7 +281,15 @@ def test_output_dir_holding_another_run_is_refused_and_kept(toy_model, tmp_path,
 
 def test_context_longer_than_the_model_is_refused(toy_model, tmp_path, capsys):
     (tmp_path / "c.txt").write_text("x = 1\n" * 500)
-    args = ["sparsify", "--model", str(toy_model), "--out", str(tmp_path / "o"), "--data", str(tmp_path / "c.txt")]
+    args = [
+        "sparsify",
+        "--model",
+        str(toy_model),
+        "--out",
+        str(tmp_path / "o"),
+        "--data",
+        str(tmp_path / "c.txt"),
+    ]
     assert main([*args, "--context-length", "64"]) == 2
     assert "longer than the model's" in capsys.readouterr().err
 

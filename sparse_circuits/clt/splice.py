@@ -36,7 +36,9 @@ def check_compatible(
     if cc.n_layers != mc.n_layers:
         raise ValueError(f"the CLT has {cc.n_layers} layers but the model has {mc.n_layers}")
     if cc.d_model != mc.d_model:
-        raise ValueError(f"the CLT has width (d_model) {cc.d_model} but the model has d_model {mc.d_model}")
+        raise ValueError(
+            f"the CLT has width (d_model) {cc.d_model} but the model has d_model {mc.d_model}"
+        )
     info = clt_info or {}
     for key, ours in (
         ("feature_input_hook", FEATURE_INPUT_HOOK),

@@ -15,7 +15,12 @@ from .toy import exact_match
 
 @torch.no_grad()
 def evaluate(
-    model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 64, task: str | None = None
+    model: Transformer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    task: str | None = None,
 ) -> dict:
     """Mean CE over scored targets (and exact-match accuracy for tasks); gate statistics if gates are on."""
     device = next(model.parameters()).device
@@ -27,13 +32,17 @@ def evaluate(
     for i in range(0, inputs.shape[0], batch_size):
         x, y = inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device)
         out = model(x)
-        ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+        ce = torch.nn.functional.cross_entropy(
+            out.logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum"
+        )
         ce_sum += ce.item()
         n_scored += int((y != -100).sum())
         if task is not None:
             correct += int(exact_match(out.logits, y).sum())
         if out.gate_stats is not None:
-            edges = torch.stack([s.open_edges for s in out.gate_stats], 1).sum(0).double()  # L,H summed over batch
+            edges = (
+                torch.stack([s.open_edges for s in out.gate_stats], 1).sum(0).double()
+            )  # L,H summed over batch
             no_key = torch.stack([s.empty_queries for s in out.gate_stats], 1).sum(0).double()
             open_edges = edges if open_edges is None else open_edges + edges
             empty = no_key if empty is None else empty + no_key

@@ -27,7 +27,14 @@ log = logging.getLogger(__name__)
 DATA_FILE = "data.json"
 STDLIB = "stdlib"
 _EXCLUDED_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-_LOADERS = {".txt": "text", ".py": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_LOADERS = {
+    ".txt": "text",
+    ".py": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 class DataSpec(BaseModel):
@@ -41,7 +48,9 @@ class DataSpec(BaseModel):
     )
     text_field: str = Field("text", description="Column holding the text in JSON/parquet data.")
     context_length: int | None = Field(None, gt=1, description="Tokens per packed sequence.")
-    heldout_fraction: float = Field(0.05, gt=0, lt=1, description="Share of sequences held out for evaluation.")
+    heldout_fraction: float = Field(
+        0.05, gt=0, lt=1, description="Share of sequences held out for evaluation."
+    )
     max_tokens: int | None = Field(None, gt=0, description="Use at most this many corpus tokens.")
     seed: int = 0
 
@@ -77,7 +86,9 @@ class TokenData:
 def stdlib_source_files() -> list[Path]:
     """The standard library's .py files (tests left out), found through sysconfig."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not _EXCLUDED_STDLIB_DIRS & set(p.relative_to(root).parts))
+    files = sorted(
+        p for p in root.rglob("*.py") if not _EXCLUDED_STDLIB_DIRS & set(p.relative_to(root).parts)
+    )
     if not files:
         raise FileNotFoundError(f"no Python source files under the standard library folder {root}")
     return files
@@ -96,11 +107,17 @@ def _expand(corpus: list[str]) -> list[Path] | str:
         elif path.is_file():
             files.append(path)
         elif any(ch in entry for ch in "*?["):
-            files += sorted(Path().glob(entry)) if not path.is_absolute() else sorted(Path("/").glob(entry[1:]))
+            files += (
+                sorted(Path().glob(entry))
+                if not path.is_absolute()
+                else sorted(Path("/").glob(entry[1:]))
+            )
         elif len(corpus) == 1 and "/" in entry and not entry.startswith((".", "/")):
             return entry  # a hub dataset name such as "user/name"
         else:
-            raise FileNotFoundError(f"corpus entry {entry!r} is neither a file, a folder, a glob nor 'stdlib'")
+            raise FileNotFoundError(
+                f"corpus entry {entry!r} is neither a file, a folder, a glob nor 'stdlib'"
+            )
     if not files:
         raise ValueError(f"corpus {corpus} holds no readable files (looked for {sorted(_LOADERS)})")
     return files
@@ -123,12 +140,16 @@ def load_texts(corpus: list[str], text_field: str = "text") -> list[str]:
             by_loader.setdefault(loader, []).append(str(f))
         for loader, paths in by_loader.items():
             if loader == "text":
-                ds = datasets.load_dataset("text", data_files=paths, split="train", sample_by="document")
+                ds = datasets.load_dataset(
+                    "text", data_files=paths, split="train", sample_by="document"
+                )
                 texts += ds["text"]
             else:
                 ds = datasets.load_dataset(loader, data_files=paths, split="train")
                 if text_field not in ds.column_names:
-                    raise ValueError(f"{paths[0]}: no column {text_field!r} (columns: {ds.column_names})")
+                    raise ValueError(
+                        f"{paths[0]}: no column {text_field!r} (columns: {ds.column_names})"
+                    )
                 texts += ds[text_field]
     texts = [t for t in texts if t and t.strip()]
     if not texts:
@@ -151,7 +172,9 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int = 4096) -> Tokenizer:
     return tok
 
 
-def pack(texts: list[str], tokenizer: Tokenizer, context_length: int, max_tokens: int | None = None) -> torch.Tensor:
+def pack(
+    texts: list[str], tokenizer: Tokenizer, context_length: int, max_tokens: int | None = None
+) -> torch.Tensor:
     """Concatenate documents (each followed by the separator) and cut into [N, context_length + 1]."""
     sep = tokenizer.token_to_id("<|endoftext|>")
     ids: list[int] = []
@@ -166,21 +189,29 @@ def pack(texts: list[str], tokenizer: Tokenizer, context_length: int, max_tokens
         raise ValueError(
             f"corpus has {len(ids)} tokens, fewer than one sequence of context length {context_length} + 1"
         )
-    return torch.tensor(np.asarray(ids[: n * (context_length + 1)], dtype=np.int64)).view(n, context_length + 1)
+    return torch.tensor(np.asarray(ids[: n * (context_length + 1)], dtype=np.int64)).view(
+        n, context_length + 1
+    )
 
 
-def split_heldout(seqs: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_heldout(
+    seqs: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(seed))
     n_held = max(1, int(round(fraction * seqs.shape[0])))
     if n_held >= seqs.shape[0]:
-        raise ValueError(f"only {seqs.shape[0]} sequences: too few to hold {fraction:.0%} out for evaluation")
+        raise ValueError(
+            f"only {seqs.shape[0]} sequences: too few to hold {fraction:.0%} out for evaluation"
+        )
     return seqs[order[n_held:]], seqs[order[:n_held]]
 
 
 def text_data(spec: DataSpec, tokenizer: Tokenizer) -> TokenData:
     if spec.context_length is None:
         raise ValueError("a text corpus needs a context_length")
-    seqs = pack(load_texts(spec.corpus, spec.text_field), tokenizer, spec.context_length, spec.max_tokens)
+    seqs = pack(
+        load_texts(spec.corpus, spec.text_field), tokenizer, spec.context_length, spec.max_tokens
+    )
     train, held = split_heldout(seqs, spec.heldout_fraction, spec.seed)
     return TokenData(train[:, :-1], train[:, 1:], held[:, :-1], held[:, 1:], tokenizer, spec)
 
@@ -213,11 +244,19 @@ def load_token_data(
     model_dir = Path(model_dir)
     if data is None:
         if not (model_dir / DATA_FILE).is_file():
-            raise FileNotFoundError(f"{model_dir} records no training data ({DATA_FILE}); pass the data explicitly")
+            raise FileNotFoundError(
+                f"{model_dir} records no training data ({DATA_FILE}); pass the data explicitly"
+            )
         data = DataSpec(**read_json(model_dir / DATA_FILE))
     if context_length is not None:
         data = data.model_copy(update={"context_length": context_length})
     cfg = read_model_config(model_dir) if is_own_model_dir(model_dir) else None
-    if cfg is not None and data.context_length is not None and data.context_length > cfg.context_length:
-        raise ValueError(f"context length {data.context_length} is longer than the model's {cfg.context_length}")
+    if (
+        cfg is not None
+        and data.context_length is not None
+        and data.context_length > cfg.context_length
+    ):
+        raise ValueError(
+            f"context length {data.context_length} is longer than the model's {cfg.context_length}"
+        )
     return build_data(data, load_tokenizer(model_dir))

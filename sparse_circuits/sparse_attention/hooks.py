@@ -17,7 +17,9 @@ def _resolve(model: nn.Module, names: Iterable[str]) -> dict[str, HookPoint]:
     points = {n: m for n, m in model.named_modules() if isinstance(m, HookPoint)}
     missing = [n for n in names if n not in points]
     if missing:
-        raise KeyError(f"no hook point named {missing[0]!r}; known points look like {next(iter(points), '')!r}")
+        raise KeyError(
+            f"no hook point named {missing[0]!r}; known points look like {next(iter(points), '')!r}"
+        )
     return {n: points[n] for n in names}
 
 
@@ -54,5 +56,6 @@ def capture(model: nn.Module, names: Iterable[str], detach: bool = True):
 @contextmanager
 def freeze(model: nn.Module, values: dict[str, torch.Tensor]):
     """Replace each named value by a fixed tensor (no gradient flows through it)."""
-    with hooks(model, {n: (lambda _x, v=v.detach(): v) for n, v in values.items()}):
+    fixed = {n: v.detach() for n, v in values.items()}
+    with hooks(model, {n: (lambda _x, v=v: v) for n, v in fixed.items()}):
         yield

@@ -42,7 +42,9 @@ class GateConfig(BaseModel):
     """Gate settings a sparsified model carries in its config.json."""
 
     model_config = ConfigDict(extra="forbid")
-    offset: float = Field(0.0, description="Gate offset b used at inference (annealed to 0 by post-training).")
+    offset: float = Field(
+        0.0, description="Gate offset b used at inference (annealed to 0 by post-training)."
+    )
 
 
 class ModelConfig(BaseModel):
@@ -79,10 +81,14 @@ class ModelConfig(BaseModel):
             self.n_kv_heads = self.n_heads
         if self.d_head is None:
             if self.d_model % self.n_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+                )
             self.d_head = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
         if self.family == "llama" and self.d_head % 2:
             raise ValueError(f"RoPE needs an even d_head, got {self.d_head}")
         if self.mlp_activation is None:
@@ -139,7 +145,9 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.d_head, 2, dtype=torch.float64) / cfg.d_head))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.d_head, 2, dtype=torch.float64) / cfg.d_head)
+    )
     rs = cfg.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "llama3":
@@ -233,7 +241,9 @@ class CausalSelfAttention(nn.Module):
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.d_head
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # B,H,T,D
@@ -252,16 +262,26 @@ class CausalSelfAttention(nn.Module):
         else:
             if pattern_hooked:
                 # A hook reads or replaces the pattern: materialise it and apply it here.
-                _, pattern, expected = gated_attention_core(q, k, v, self.gate_offset, self.gate_mode)
+                _, pattern, expected = gated_attention_core(
+                    q, k, v, self.gate_offset, self.gate_mode
+                )
                 pattern = self.hook_pattern(pattern)
                 out = pattern @ v
             elif torch.is_grad_enabled():
                 out, _, expected = checkpoint(
-                    gated_attention_core, q, k, v, self.gate_offset, self.gate_mode, use_reentrant=False
+                    gated_attention_core,
+                    q,
+                    k,
+                    v,
+                    self.gate_offset,
+                    self.gate_mode,
+                    use_reentrant=False,
                 )
             else:
                 out, _, expected = gated_attention_core(q, k, v, self.gate_offset, self.gate_mode)
-            self.last_gate_stats = self._hard_stats(q, k, expected) if self.gate_mode != "off" else None
+            self.last_gate_stats = (
+                self._hard_stats(q, k, expected) if self.gate_mode != "off" else None
+            )
         z = self.hook_z(out.transpose(1, 2))  # B,T,H,D
         return self.o_proj(z.reshape(B, T, H * D))
 
@@ -270,7 +290,9 @@ class CausalSelfAttention(nn.Module):
         """Deterministic-gate counts; recomputes the scores once more, without keeping them."""
         T = q.shape[-2]
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        open_ = (((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + self.gate_offset) > 0) & causal
+        open_ = (
+            ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + self.gate_offset) > 0
+        ) & causal
         return GateStats(expected, open_.sum((-1, -2)), (~open_.any(-1)).sum(-1))
 
 
@@ -331,7 +353,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.family == "gpt2" else None
+        self.pos_embed = (
+            nn.Embedding(cfg.context_length, cfg.d_model) if cfg.family == "gpt2" else None
+        )
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -365,7 +389,9 @@ class Transformer(nn.Module):
     def rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.pos_embed is not None:
             return None
-        angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), self.rope_inv_freq)  # T,D/2
+        angles = torch.outer(
+            torch.arange(T, device=device, dtype=torch.float32), self.rope_inv_freq
+        )  # T,D/2
         angles = torch.cat((angles, angles), dim=-1)  # T,D
         # Angles in fp32 for accuracy, cos/sin in the weights' dtype (as the reference) so that
         # a bf16/fp16 model's q and k keep their dtype.
@@ -375,7 +401,9 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         B, T = tokens.shape
         if T > self.cfg.context_length:
-            raise ValueError(f"sequence of {T} tokens is longer than the context length {self.cfg.context_length}")
+            raise ValueError(
+                f"sequence of {T} tokens is longer than the context length {self.cfg.context_length}"
+            )
         x = self.embed(tokens)  # B,T,M
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(T, device=tokens.device))
@@ -386,7 +414,9 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.final_norm(x))  # B,T,V
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
+            )
         stats = [b.attn.last_gate_stats for b in self.blocks] if self.gate_mode != "off" else None
         return ModelOutput(logits, loss, stats)
 

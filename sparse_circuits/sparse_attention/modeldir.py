@@ -19,10 +19,19 @@ from .model import ModelConfig, Transformer, rope_inverse_frequencies
 FORMAT = "sparse-circuits-model"
 
 
-def save_model(model: Transformer, out: str | os.PathLike, tokenizer: Tokenizer | None = None, metrics: dict | None = None) -> Path:
+def save_model(
+    model: Transformer,
+    out: str | os.PathLike,
+    tokenizer: Tokenizer | None = None,
+    metrics: dict | None = None,
+) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items() if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not (model.cfg.tie_embeddings and k == "lm_head.weight")
+    }
     save_tensors(out / "model.safetensors", state, metadata={"format": FORMAT})
     if tokenizer is not None:
         with open(out / ".tokenizer.json.tmp", "w") as f:
@@ -55,7 +64,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     return Tokenizer.from_file(str(file)) if file.is_file() else None
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer | None]:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Tokenizer | None]:
     """Load our model dir, or import a Hugging Face checkpoint dir."""
     path = Path(path)
     if not path.is_dir():
@@ -76,14 +87,22 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 def load_state_strict(model: Transformer, state: dict[str, torch.Tensor], source) -> None:
     """Assign weights, naming any missing, unexpected or misshapen tensor."""
-    expected = {k: v for k, v in model.state_dict().items() if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    expected = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not (model.cfg.tie_embeddings and k == "lm_head.weight")
+    }
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        raise ValueError(
+            f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
+        )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+            raise ValueError(
+                f"{source}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+            )
     model.load_state_dict(state, strict=False, assign=True)
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -32,8 +32,8 @@ from pydantic import Field, model_validator
 
 from ..io import claim_run_dir, load_tensors, save_tensors, write_json
 from .connectivity import evaluate
-from .hooks import capture
 from .data import DataSpec, TokenData, load_token_data, save_data_spec
+from .hooks import capture
 from .model import GateConfig, Transformer
 from .modeldir import load_model, save_model
 from .plots import plot_attention_patterns
@@ -48,36 +48,62 @@ class SparsifyConfig(OptimConfig):
     model: Path = Field(description="Model directory (ours or a Hugging Face checkpoint).")
     out: Path = Field(description="Sparsified model directory to write.")
     data: list[str] | None = Field(
-        None, description="Corpus to train on (files, folders, 'stdlib', a hub name); default: the model's own data."
+        None,
+        description="Corpus to train on (files, folders, 'stdlib', a hub name); default: the model's own data.",
     )
-    context_length: int | None = Field(None, gt=1, description="Context length; default: the model's data's.")
+    context_length: int | None = Field(
+        None, gt=1, description="Context length; default: the model's data's."
+    )
     steps: int = Field(1500, gt=0)
     batch_size: int = Field(128, gt=0)
-    lr: float = Field(3e-4, gt=0, description="The biggest lever: too high and the noisy-gate CE spikes.")
+    lr: float = Field(
+        3e-4, gt=0, description="The biggest lever: too high and the noisy-gate CE spikes."
+    )
     warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: constant after warm-up.")
     gate_offset_start: float = Field(3.0, description="Gate offset b at step 0 (gates start open).")
-    gate_offset_anneal: float = Field(0.5, gt=0, le=1, description="Fraction of steps over which b goes to 0.")
+    gate_offset_anneal: float = Field(
+        0.5, gt=0, le=1, description="Fraction of steps over which b goes to 0."
+    )
     lambda_init: float = Field(1.0, gt=0, description="Initial Lagrange multiplier on CE − τ.")
     lambda_lr: float = Field(1.0, gt=0, description="η: multiplicative λ update rate.")
     lambda_ema: float = Field(0.99, ge=0, lt=1, description="EMA decay of the constraint CE − τ.")
     lambda_min: float = Field(1e-3, gt=0)
     lambda_max: float = Field(1e4, gt=0)
-    lambda_max_log_step: float = Field(0.05, gt=0, description="Largest change of log λ in one step.")
-    tolerance_rel: float = Field(0.02, ge=0, description="τ = max((1+rel)·CE_dense, CE_dense+abs).")
-    tolerance_abs: float = Field(0.005, ge=0, description="Absolute floor of the tolerance, in nats.")
-    accuracy_tolerance: float = Field(
-        0.005, ge=0, le=1, description="Tasks: chosen weights keep validation accuracy within this of dense."
+    lambda_max_log_step: float = Field(
+        0.05, gt=0, description="Largest change of log λ in one step."
     )
-    distill_weight: float = Field(0.0, ge=0, description="Weight of KL(dense ‖ sparse) distillation; 0 disables.")
-    lora_rank: int = Field(0, ge=0, description="LoRA rank (peft) for models too big to fine-tune whole; 0 = full.")
-    eval_sequences: int = Field(512, gt=0, description="Held-out sequences for τ and the final metrics.")
+    tolerance_rel: float = Field(0.02, ge=0, description="τ = max((1+rel)·CE_dense, CE_dense+abs).")
+    tolerance_abs: float = Field(
+        0.005, ge=0, description="Absolute floor of the tolerance, in nats."
+    )
+    accuracy_tolerance: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="Tasks: chosen weights keep validation accuracy within this of dense.",
+    )
+    distill_weight: float = Field(
+        0.0, ge=0, description="Weight of KL(dense ‖ sparse) distillation; 0 disables."
+    )
+    lora_rank: int = Field(
+        0, ge=0, description="LoRA rank (peft) for models too big to fine-tune whole; 0 = full."
+    )
+    eval_sequences: int = Field(
+        512, gt=0, description="Held-out sequences for τ and the final metrics."
+    )
     eval_batch_size: int = Field(64, gt=0)
     select_sequences: int = Field(
-        128, ge=0, description="Held-out sequences, apart from the reported ones, for choosing the final weights."
+        128,
+        ge=0,
+        description="Held-out sequences, apart from the reported ones, for choosing the final weights.",
     )
-    select_every: int = Field(50, gt=0, description="Steps between checks of a candidate for the final weights.")
-    figure_index: int = Field(0, ge=0, description="Held-out sequence drawn in attention_patterns.png.")
+    select_every: int = Field(
+        50, gt=0, description="Steps between checks of a candidate for the final weights."
+    )
+    figure_index: int = Field(
+        0, ge=0, description="Held-out sequence drawn in attention_patterns.png."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SparsifyConfig:
@@ -99,7 +125,9 @@ def tolerance(dense_ce: float, rel: float, abs_: float) -> float:
     return max((1 + rel) * dense_ce, dense_ce + abs_)
 
 
-def update_lambda(lam: float, ema: float, violation: float, cfg: SparsifyConfig) -> tuple[float, float]:
+def update_lambda(
+    lam: float, ema: float, violation: float, cfg: SparsifyConfig
+) -> tuple[float, float]:
     """One GECO step: EMA of CE − τ, then a bounded multiplicative change of λ."""
     ema = cfg.lambda_ema * ema + (1 - cfg.lambda_ema) * violation
     log_step = max(-cfg.lambda_max_log_step, min(cfg.lambda_max_log_step, cfg.lambda_lr * ema))
@@ -114,7 +142,9 @@ def _wrap_lora(model: Transformer, rank: int) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415  (optional dependency)
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
+    return get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+    )
 
 
 def sparsify(cfg: SparsifyConfig) -> Path:
@@ -123,12 +153,19 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     device = torch.device(cfg.device)
     model, tokenizer = load_model(cfg.model, device)
     if model.cfg.gate is not None:
-        raise ValueError(f"{cfg.model} is already sparsified; post-train the dense model it came from")
+        raise ValueError(
+            f"{cfg.model} is already sparsified; post-train the dense model it came from"
+        )
     data = _data_for(cfg)
     if data.context_length > model.cfg.context_length:
-        raise ValueError(f"context length {data.context_length} is longer than the model's {model.cfg.context_length}")
+        raise ValueError(
+            f"context length {data.context_length} is longer than the model's {model.cfg.context_length}"
+        )
     task = data.spec.task
-    held_x, held_y = data.heldout_inputs[: cfg.eval_sequences], data.heldout_targets[: cfg.eval_sequences]
+    held_x, held_y = (
+        data.heldout_inputs[: cfg.eval_sequences],
+        data.heldout_targets[: cfg.eval_sequences],
+    )
 
     model.set_gate("off")
     dense = evaluate(model, held_x, held_y, batch_size=cfg.eval_batch_size, task=task)
@@ -146,7 +183,11 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     val_y = data.heldout_targets[n_eval : n_eval + cfg.select_sequences]
     best_path = out / "best.safetensors"
 
-    dense_val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, task=task) if len(val_x) else {}
+    dense_val = (
+        evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, task=task)
+        if len(val_x)
+        else {}
+    )
 
     def select(step: int) -> None:
         """Keep the sparsest weights that meet the constraint on the validation sequences."""
@@ -154,9 +195,13 @@ def sparsify(cfg: SparsifyConfig) -> Path:
             return
         model.set_gate("hard", 0.0)
         check = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, task=task)
-        accurate = task is None or check["accuracy"] >= dense_val["accuracy"] - cfg.accuracy_tolerance
+        accurate = (
+            task is None or check["accuracy"] >= dense_val["accuracy"] - cfg.accuracy_tolerance
+        )
         if check["loss"] <= tau and accurate and check["connectivity"] < state["best_connectivity"]:
-            save_tensors(best_path, {k: v.clone() for k, v in trainee.state_dict().items()})  # clone: tied weights
+            save_tensors(
+                best_path, {k: v.clone() for k, v in trainee.state_dict().items()}
+            )  # clone: tied weights
             state["best_step"], state["best_connectivity"] = step + 1, check["connectivity"]
 
     def step_fn(step: int) -> dict[str, float]:
@@ -174,7 +219,15 @@ def sparsify(cfg: SparsifyConfig) -> Path:
                 teacher.set_gate("off")
                 with torch.no_grad():
                     t_logits = teacher(x).logits
-                kl = F.kl_div(o.logits.float().log_softmax(-1), t_logits.float().log_softmax(-1), log_target=True, reduction="batchmean") / x.shape[1]
+                kl = (
+                    F.kl_div(
+                        o.logits.float().log_softmax(-1),
+                        t_logits.float().log_softmax(-1),
+                        log_target=True,
+                        reduction="batchmean",
+                    )
+                    / x.shape[1]
+                )
                 loss = loss + cfg.distill_weight * kl
         loss.backward()
         # λ follows the deterministic-gate CE, the one inference has: the noisy-gate CE sits
@@ -183,7 +236,9 @@ def sparsify(cfg: SparsifyConfig) -> Path:
             model.set_gate("hard", offset)
             hard_ce = trainee(x, y).loss.item()
         lam_used = state["lambda"]
-        state["lambda"], state["ema"] = update_lambda(state["lambda"], state["ema"], hard_ce - tau, cfg)
+        state["lambda"], state["ema"] = update_lambda(
+            state["lambda"], state["ema"], hard_ce - tau, cfg
+        )
         T = x.shape[1]
         hard_edges = torch.stack([s.open_edges for s in o.gate_stats]).double()  # L,B,H
         return {
@@ -200,11 +255,21 @@ def sparsify(cfg: SparsifyConfig) -> Path:
         }
 
     run_training(
-        model=trainee, cfg=cfg, out=out, step_fn=step_fn, extra_state=state, after_step=select, desc=f"sparsify {out.name}"
+        model=trainee,
+        cfg=cfg,
+        out=out,
+        step_fn=step_fn,
+        extra_state=state,
+        after_step=select,
+        desc=f"sparsify {out.name}",
     )
     if state["best_step"] >= 0:
         trainee.load_state_dict(load_tensors(best_path))
-        log.info("final weights: step %d (validation connectivity %.4f)", state["best_step"], state["best_connectivity"])
+        log.info(
+            "final weights: step %d (validation connectivity %.4f)",
+            state["best_step"],
+            state["best_connectivity"],
+        )
     if cfg.lora_rank:
         model = trainee.merge_and_unload()
 
@@ -232,7 +297,10 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     write_json(out / "metrics.json", metrics)
     log.info(
         "sparse: CE %.4f (dense %.4f), connectivity %.4f, keys/query %.3f",
-        sparse["loss"], dense["loss"], sparse["connectivity"], sparse["keys_per_query"],
+        sparse["loss"],
+        dense["loss"],
+        sparse["connectivity"],
+        sparse["keys_per_query"],
     )
     return out
 

@@ -37,7 +37,9 @@ def addition_sequences() -> torch.Tensor:
 def addition_data(spec: DataSpec) -> TokenData:
     """Held-out problems are disjoint from training ones (a seeded split of all 10,000)."""
     if spec.context_length is not None and spec.context_length != SEQ_LEN - 1:
-        raise ValueError(f"the addition task has context length {SEQ_LEN - 1}, not {spec.context_length}")
+        raise ValueError(
+            f"the addition task has context length {SEQ_LEN - 1}, not {spec.context_length}"
+        )
     seqs = addition_sequences()
     order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(spec.seed))
     n_held = int(round(spec.heldout_fraction * len(seqs)))
@@ -47,7 +49,9 @@ def addition_data(spec: DataSpec) -> TokenData:
     targets[mask] = -100
     train, held = order[n_held:], order[:n_held]
     spec = spec.model_copy(update={"context_length": SEQ_LEN - 1})
-    return TokenData(inputs[train], targets[train], inputs[held], targets[held], addition_tokenizer(), spec)
+    return TokenData(
+        inputs[train], targets[train], inputs[held], targets[held], addition_tokenizer(), spec
+    )
 
 
 def exact_match(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,9 @@ class ArchitectureFields(OptimConfig):
     n_layers: int = Field(4, gt=0)
     d_model: int = Field(128, gt=0)
     n_heads: int = Field(4, gt=0)
-    n_kv_heads: int | None = Field(None, description="Key/value heads for llama (GQA); default n_heads.")
+    n_kv_heads: int | None = Field(
+        None, description="Key/value heads for llama (GQA); default n_heads."
+    )
     d_mlp: int | None = Field(None, description="Default 4 * d_model.")
 
     def model_config_for(self, vocab_size: int, context_length: int, **extra) -> ModelConfig:
@@ -48,7 +50,10 @@ class ToyTrainConfig(ArchitectureFields):
     task: Literal["addition"] = Field("addition", description="The toy task.")
     out: Path = Field(description="Model directory to write.")
     heldout_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Problems held out: half reported, half for sparsify's choice of weights."
+        0.1,
+        gt=0,
+        lt=1,
+        description="Problems held out: half reported, half for sparsify's choice of weights.",
     )
     steps: int = Field(1500, gt=0)
     batch_size: int = Field(128, gt=0)
@@ -59,7 +64,9 @@ class ToyTrainConfig(ArchitectureFields):
 class PretrainConfig(ArchitectureFields):
     """`pretrain`: a small LM on a text corpus (default: the Python standard library's source)."""
 
-    corpus: list[str] = Field(["stdlib"], description="Text files, folders, globs, a hub dataset name, or 'stdlib'.")
+    corpus: list[str] = Field(
+        ["stdlib"], description="Text files, folders, globs, a hub dataset name, or 'stdlib'."
+    )
     out: Path = Field(description="Model directory to write.")
     context_length: int = Field(256, gt=1, description="Tokens per training sequence.")
     vocab_size: int = Field(4096, gt=256, description="BPE vocabulary trained on the corpus.")
@@ -72,7 +79,14 @@ class PretrainConfig(ArchitectureFields):
     eval_sequences: int = Field(256, gt=0, description="Held-out sequences for the final loss.")
 
 
-def _train_dense(cfg: OptimConfig, model: Transformer, data: TokenData, out: Path, task: str | None, eval_n: int | None = None) -> dict:
+def _train_dense(
+    cfg: OptimConfig,
+    model: Transformer,
+    data: TokenData,
+    out: Path,
+    task: str | None,
+    eval_n: int | None = None,
+) -> dict:
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)
@@ -96,7 +110,9 @@ def _train_dense(cfg: OptimConfig, model: Transformer, data: TokenData, out: Pat
 def train_toy(cfg: ToyTrainConfig) -> Path:
     out = claim_run_dir(cfg.out, "train-toy", cfg.model_dump(mode="json"))
     data = build_data(DataSpec(task=cfg.task, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction))
-    model = Transformer(cfg.model_config_for(data.tokenizer.get_vocab_size(), data.context_length, bos_token_id=0))
+    model = Transformer(
+        cfg.model_config_for(data.tokenizer.get_vocab_size(), data.context_length, bos_token_id=0)
+    )
     _train_dense(cfg, model, data, out, task=cfg.task)
     return out
 
@@ -104,12 +120,20 @@ def train_toy(cfg: ToyTrainConfig) -> Path:
 def pretrain(cfg: PretrainConfig) -> Path:
     out = claim_run_dir(cfg.out, "pretrain", cfg.model_dump(mode="json"))
     spec = DataSpec(
-        corpus=cfg.corpus, context_length=cfg.context_length, max_tokens=cfg.max_tokens, text_field=cfg.text_field, seed=cfg.seed
+        corpus=cfg.corpus,
+        context_length=cfg.context_length,
+        max_tokens=cfg.max_tokens,
+        text_field=cfg.text_field,
+        seed=cfg.seed,
     )
     tokenizer = train_bpe_tokenizer(load_texts(cfg.corpus, cfg.text_field), cfg.vocab_size)
     data = build_data(spec, tokenizer)
-    log.info("corpus: %d training sequences of %d tokens", data.train_inputs.shape[0], cfg.context_length)
+    log.info(
+        "corpus: %d training sequences of %d tokens", data.train_inputs.shape[0], cfg.context_length
+    )
     eos = tokenizer.token_to_id("<|endoftext|>")
-    model = Transformer(cfg.model_config_for(tokenizer.get_vocab_size(), cfg.context_length, eos_token_id=eos))
+    model = Transformer(
+        cfg.model_config_for(tokenizer.get_vocab_size(), cfg.context_length, eos_token_id=eos)
+    )
     _train_dense(cfg, model, data, out, task=None, eval_n=cfg.eval_sequences)
     return out

@@ -32,7 +32,9 @@ class OptimConfig(BaseModel):
     batch_size: int = Field(64, gt=0, description="Sequences per step.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr."
+    )
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     checkpoint_every: int = Field(250, gt=0, description="Steps between checkpoints.")
@@ -46,7 +48,9 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, steps: int, min_lr_ratio: 
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return lr * (
+        min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    )
 
 
 def autocast(device: str):
@@ -77,7 +81,10 @@ def run_training(
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=(0.9, 0.95),
         fused=torch.device(cfg.device).type == "cuda",
@@ -98,14 +105,27 @@ def run_training(
         log_path.unlink()
 
     def checkpoint(step: int) -> None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "extra": dict(extra_state), "rng": torch.get_rng_state()}
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "extra": dict(extra_state),
+            "rng": torch.get_rng_state(),
+        }
         save_checkpoint(ckpt_root, step, model.state_dict(), state)
 
     metrics: dict[str, float] = {}
     model.train()
-    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, dynamic_ncols=True
+    )
     for step in bar:
-        lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+        lr = lr_at(
+            step,
+            lr=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            steps=cfg.steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
@@ -117,7 +137,9 @@ def run_training(
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             record = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **metrics}
             append_jsonl(log_path, record)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "ce", "lambda", "open")})
+            bar.set_postfix(
+                {k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "ce", "lambda", "open")}
+            )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             checkpoint(step + 1)
     bar.close()
