@@ -49,8 +49,25 @@ def logit_node_id(n_layers: int, token_id: int, pos: int) -> str:
     return f"{n_layers + 1}_{token_id}_{pos}"
 
 
+class SourceColumns:
+    """The order of source nodes shared by source tables and graphs: features, then one error
+    per (layer, position), layer-major, then one embedding per position."""
+
+    n_features: int
+    n_layers: int
+    n_pos: int
+
+    @property
+    def error_offset(self) -> int:
+        return self.n_features
+
+    @property
+    def embed_offset(self) -> int:
+        return self.n_features + self.n_layers * self.n_pos
+
+
 @dataclass
-class Graph:
+class Graph(SourceColumns):
     prompt: str
     tokens: torch.Tensor  # T
     token_strings: list[str]
@@ -75,14 +92,6 @@ class Graph:
     @property
     def n_features(self) -> int:
         return self.features.shape[0]
-
-    @property
-    def error_offset(self) -> int:
-        return self.n_features
-
-    @property
-    def embed_offset(self) -> int:
-        return self.n_features + self.n_layers * self.n_pos
 
     @property
     def logit_offset(self) -> int:

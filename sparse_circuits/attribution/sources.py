@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .frozen import LeafGrads
+from .graph import SourceColumns
 from .replacement import PromptRun, ReplacementModel
 
 
@@ -32,7 +33,7 @@ class _LayerBlock(NamedTuple):
     vectors: torch.Tensor  # T,P,K*M  contribution vectors (zero in unused slots)
 
 
-class SourceTable:
+class SourceTable(SourceColumns):
     @torch.no_grad()
     def __init__(self, rm: ReplacementModel, run: PromptRun):
         L, T, M = rm.cfg.n_layers, run.n_pos, rm.cfg.d_model
@@ -64,14 +65,6 @@ class SourceTable:
             self.col_block[cols] = len(self.blocks)
             self.col_local[cols] = torch.arange(cols.numel(), device=dev)
             self.blocks.append(_LayerBlock(i, K, cols, p, slot, vectors))
-
-    @property
-    def error_offset(self) -> int:
-        return self.n_features
-
-    @property
-    def embed_offset(self) -> int:
-        return self.n_features + self.n_layers * self.n_pos
 
     @property
     def n_cols(self) -> int:
