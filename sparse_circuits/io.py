@@ -39,6 +39,30 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary sibling directory; on success swap it in for `path` whole.
+
+    The old directory is moved aside before the rename and removed after it, so no stale
+    file of an older version survives and a failure leaves the old one in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old") if path.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -119,22 +143,14 @@ def save_checkpoint(
 ) -> Path:
     """Write `root/step_{step}/` as a whole directory, then point `root/latest` at it."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         # clone: tied weights share storage, which safetensors refuses
         save_file(
             {k: v.detach().cpu().clone() for k, v in tensors.items()},
             str(tmp / "tensors.safetensors"),
         )
         torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     with atomic_path(root / "latest") as p:
         p.write_text(final.name)
     for old in sorted(root.glob("step_*"))[:-keep]:

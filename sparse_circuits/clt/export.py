@@ -16,8 +16,6 @@ was trained on normalised activations without folding is refused.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +23,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..io import atomic_path, read_json, save_tensors, write_json
+from ..io import atomic_dir, atomic_path, read_json, save_tensors, write_json
 from .cltdir import load_clt
 from .model import CrossLayerTranscoder
 
@@ -126,9 +124,7 @@ def export(config: ExportConfig) -> Path:
         "scan": config.scan or source.resolve().name,
     }
     # Built beside the target and swapped in whole: no stale layer files from an older export.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         write_circuit_tracer(clt, tmp, DTYPES[config.dtype])
         with atomic_path(tmp / "config.yaml") as p:
             p.write_text(yaml.safe_dump(yaml_config, sort_keys=False))
@@ -137,16 +133,6 @@ def export(config: ExportConfig) -> Path:
             info
             | {"exported": {"format": config.format, "dtype": config.dtype, "from": str(source)}},
         )
-        old = out.with_name(f".{out.name}.old") if out.exists() else None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "exported %s (%d layers, %d features each) to %s",
         source,

@@ -28,8 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +40,7 @@ from tqdm import tqdm
 from zarr.storage import LocalStore
 
 from .. import __version__
+from ..io import atomic_dir
 from ..sparse_attention.hooks import capture, hooks
 from ..sparse_attention.model import LayerNorm, Transformer
 from .evaluate import TokenSource, load_pair, load_tokens
@@ -269,9 +268,7 @@ def accumulate(
 
 def write_features(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> Path:
     """One zarr v3 group, built beside `path` and swapped in whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         group = zarr.create_group(LocalStore(tmp), zarr_format=3, attributes=attrs)
         for name, a in arrays.items():
             F, rest = a.shape[1], a.shape[2:]  # L,F,...: one shard per layer
@@ -279,16 +276,6 @@ def write_features(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> Pa
                 name, shape=a.shape, dtype=a.dtype, chunks=(1, 1, *rest), shards=(1, F, *rest)
             )
             arr[...] = a
-        old = path.with_name(f".{path.name}.old") if path.exists() else None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
