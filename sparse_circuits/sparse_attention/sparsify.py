@@ -34,7 +34,7 @@ from ..io import claim_run_dir, load_tensors, save_tensors, write_json
 from .connectivity import evaluate
 from .data import DataSpec, TokenData, load_token_data, save_data_spec
 from .hooks import capture
-from .model import GateConfig, Transformer
+from .model import GateConfig, Transformer, causal_pair_count
 from .modeldir import load_model, save_model
 from .plots import plot_attention_patterns
 from .training import OptimConfig, autocast, run_training
@@ -249,7 +249,7 @@ def sparsify(cfg: SparsifyConfig) -> Path:
             "constraint_ema": state["ema"],
             "gate_offset": offset,
             "open": open_fraction.item(),
-            "hard_connectivity": (hard_edges / (T * (T + 1) / 2)).mean().item(),
+            "hard_connectivity": (hard_edges / causal_pair_count(T)).mean().item(),
             "keys_per_query": (hard_edges / T).mean().item(),
             "kl": kl.item(),
         }
