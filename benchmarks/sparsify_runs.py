@@ -2,6 +2,7 @@
 
     python benchmarks/sparsify_runs.py toy    --work runs/   # train-toy + sparsify, defaults
     python benchmarks/sparsify_runs.py stdlib --work runs/   # pretrain on the stdlib source + sparsify
+    python benchmarks/sparsify_runs.py stdlib512 --work runs/  # the same at context 512
 
 Every stage is resumable, so rerunning continues a killed run. Prints a markdown table of the
 figures (dense vs sparse CE, accuracy, connectivity, keys per query, wall time) and writes it as
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from sparse_circuits.cli import main as cli
 
-# The stdlib setting is sized for a 2-core CPU: 4 layers, d_model 128, context 256.
+# The stdlib settings are sized for a 2-core CPU: 4 layers, d_model 128, context 256 or 512.
 SETTINGS = {
     "toy": {
         "dense": ["train-toy", "--task", "addition"],
@@ -28,6 +29,13 @@ SETTINGS = {
                   "--lr", "2e-3", "--context-length", "256"],
         "sparse": ["sparsify", "--batch-size", "8", "--steps", "1000", "--lr", "5e-4", "--eval-sequences", "128",
                    "--eval-batch-size", "8", "--lambda-max-log-step", "0.02"],
+    },
+    # The same model and token budget at context 512, for 512-token attribution graphs.
+    "stdlib512": {
+        "dense": ["pretrain", "--corpus", "stdlib", "--vocab-size", "2048", "--batch-size", "4", "--steps", "1500",
+                  "--lr", "2e-3", "--context-length", "512"],
+        "sparse": ["sparsify", "--batch-size", "4", "--steps", "1000", "--lr", "5e-4", "--eval-sequences", "64",
+                   "--eval-batch-size", "4", "--lambda-max-log-step", "0.02"],
     },
 }  # fmt: skip
 

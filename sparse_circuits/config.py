@@ -11,10 +11,13 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ValidationError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -100,3 +103,18 @@ def validate_config(config_cls: type[BaseModel], data: dict):
             f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
         )
         raise ConfigError(f"invalid {config_cls.__name__}: {problems}") from None
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """A `device` setting as a torch device: "auto" picks CUDA when present; a bare "cuda"
+    means this process's GPU (LOCAL_RANK under torchrun)."""
+    import torch  # noqa: PLC0415  (here, so that the CLI's help needs no torch)
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device

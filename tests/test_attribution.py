@@ -5,6 +5,7 @@ on a hand-computed graph, graph JSON against a JSON Schema, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -28,9 +29,10 @@ from sparse_circuits.attribution.sources import SourceTable
 from sparse_circuits.cli import main as cli_main
 from sparse_circuits.clt.cltdir import save_clt
 from sparse_circuits.clt.model import CLTConfig, CrossLayerTranscoder
+from sparse_circuits.clt.splice import warn_if_other_model
 from sparse_circuits.sparse_attention.hooks import capture, hooks
 from sparse_circuits.sparse_attention.model import GateConfig, ModelConfig, Transformer
-from sparse_circuits.sparse_attention.modeldir import save_model
+from sparse_circuits.sparse_attention.modeldir import model_sha256, save_model
 from sparse_circuits.sparse_attention.toy import addition_tokenizer
 
 T, VOCAB = 10, 24
@@ -465,7 +467,8 @@ def test_cli_writes_graph_json_that_validates(addition_dirs):
     root, model_dir, clt_dir = addition_dirs
     out = root / "graph.json"
     args = ["attribute", "--model", str(model_dir), "--clt", str(clt_dir), "--prompt", "<bos>12+34=",
-            "--out", str(out), "--targets", '"4"', '"4" - "6"', "--batch-size", "16", "--qk-edges", "3"]  # fmt: skip
+            "--out", str(out), "--targets", '"4"', '"4" - "6"', "--batch-size", "16", "--qk-edges", "3",
+            "--qk-at", "1,1,6,3"]  # fmt: skip
     assert cli_main(args) == 0
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, load_schema())
@@ -507,6 +510,12 @@ def test_cli_writes_graph_json_that_validates(addition_dirs):
     for qk in att["qk"]:
         total = sum(v for _, _, v in qk["terms"]) + qk["other"]
         assert total == pytest.approx(qk["score"], rel=1e-3, abs=1e-4)
+    asked = [
+        qk
+        for qk in att["qk"]
+        if (qk["layer"], qk["head"], qk["query_pos"], qk["key_pos"]) == (1, 1, 6, 3)
+    ]
+    assert len(asked) == 1  # the edge asked for by --qk-at, beside the default ones
 
 
 def test_graph_json_node_ids_of_every_kind(setup, full_graph):
@@ -566,6 +575,25 @@ def test_bad_input_gives_clear_errors(setup, addition_dirs, tmp_path, capsys):
     assert "context length" in capsys.readouterr().err
     assert cli_main([*base, "--prompt-ids", "1", "2", "--prompt", "12"]) == 2
     assert "exactly one of prompt and prompt_ids" in capsys.readouterr().err
+    assert cli_main([*base, "--prompt", "<bos>12+34=", "--qk-at", "1,2,3"]) == 2
+    assert "layer,head,query,key" in capsys.readouterr().err
+    assert cli_main([*base, "--prompt", "<bos>12+34=", "--qk-at", "1,2,3,5"]) == 2
+    assert "after the query position" in capsys.readouterr().err
+    assert cli_main([*base, "--prompt", "<bos>12+34=", "--qk-at", "1,9,3,2"]) == 2
+    assert "no head 9 in layer 1" in capsys.readouterr().err
+    assert cli_main([*base, "--prompt", "<bos>12+34=", "--qk-at", "1,1,7,2"]) == 2
+    assert "the prompt has 7 tokens" in capsys.readouterr().err
+
+
+def test_a_clt_trained_on_other_weights_is_warned_of(setup, caplog):
+    _, model, clt, _, _ = setup
+    info = {"activations": {"attrs": {"model": "elsewhere", "model_sha256": model_sha256(model)}}}
+    assert warn_if_other_model(model, info) and not caplog.records
+    with torch.no_grad():
+        other = copy.deepcopy(model)
+        other.lm_head.weight.add_(1e-3)
+    assert not warn_if_other_model(other, info)
+    assert "another model (elsewhere" in caplog.text
 
 
 # ----------------------------------------------------------------------------- dense vs sparse script

@@ -24,6 +24,7 @@ open when score + offset > 0: the terms say why it is.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -284,11 +285,12 @@ def attention_attribution(
     pruned: PruneResult,
     batch_size: int = 64,
     qk_edges: int = 0,
+    qk_at: Sequence[tuple[int, int, int, int]] = (),
     coverage: float = 0.8,
 ) -> AttentionAttribution:
     """Head loadings of the pruned graph's cross-position edges, the head summary (weights:
     the edges' influence in the pruned graph), and QK attributions of the `qk_edges` open
-    attention edges carrying most of it."""
+    attention edges carrying most of it, then of each (layer, head, query, key) in `qk_at`."""
     rm = ReplacementModel(model, clt)
     run = rm.run_prompt(graph.tokens)
     sources = SourceTable(rm, run)
@@ -298,11 +300,13 @@ def attention_attribution(
     loadings = head_loadings(rm, run, sources, graph, edges, batch_size)
     weights = pruned.pruned_edge_scores[edges]
     summary = head_summary(loadings, weights, coverage)
-    qk = []
+    hops = []
     if qk_edges > 0 and edges.numel():
+        hops = carrying_edges(graph, run, loadings, weights, qk_edges)
+    hops += [tuple(hop) for hop in qk_at if tuple(hop) not in hops]
+    qk = []
+    if hops:
         ctx = QKContext(rm, run, sources, batch_size)
-        qk = [
-            ctx.attribute(*hop) for hop in carrying_edges(graph, run, loadings, weights, qk_edges)
-        ]
+        qk = [ctx.attribute(*hop) for hop in hops]
     offset = model.blocks[0].attn.gate_offset if model.gate_mode != "off" else None
     return AttentionAttribution(loadings, summary, qk, offset)

@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from ..clt.cltdir import load_clt
 from ..clt.model import CrossLayerTranscoder
+from ..clt.splice import check_compatible, warn_if_other_model
+from ..config import ConfigError, resolve_device
 from ..io import read_json
 from ..sparse_attention.model import Transformer
 from ..sparse_attention.modeldir import load_model
@@ -286,6 +288,11 @@ class AttributeConfig(BaseModel):
         None, ge=0, description="QK attributions of the attention edges carrying most attribution (default: 32 for a "
         "sparsified model, 0 for a dense one).",
     )  # fmt: skip
+    qk_at: list[str] = Field(
+        default_factory=list,
+        description='More QK attributions, each for one attention edge "layer,head,query,key" (positions from 0, '
+        'key <= query), e.g. "2,1,40,12".',
+    )
     slug: str | None = Field(None, description="Graph slug (default: the output file's stem).")
     scan: str | None = Field(
         None, description="Model id in the graph's metadata (default: the model dir's name)."
@@ -295,15 +302,25 @@ class AttributeConfig(BaseModel):
     def _one_prompt(self) -> AttributeConfig:
         if (self.prompt is None) == (self.prompt_ids is None):
             raise ValueError("give exactly one of prompt and prompt_ids")
+        self.qk_edges_at()  # malformed edges fail here, before any work
         return self
 
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available")
-    return torch.device(device)
+    def qk_edges_at(self) -> list[tuple[int, int, int, int]]:
+        """`qk_at` as (layer, head, query, key) tuples."""
+        edges = []
+        for text in self.qk_at:
+            parts = text.replace(" ", "").split(",")
+            if len(parts) != 4 or not all(p.isdigit() for p in parts):
+                raise ValueError(
+                    f'qk_at {text!r}: expected "layer,head,query,key", four integers >= 0'
+                )
+            layer, head, query, key = map(int, parts)
+            if key > query:
+                raise ValueError(
+                    f"qk_at {text!r}: the key position {key} is after the query position {query}"
+                )
+            edges.append((layer, head, query, key))
+        return edges
 
 
 def run_attribute(config: AttributeConfig) -> Path:
@@ -312,8 +329,20 @@ def run_attribute(config: AttributeConfig) -> Path:
     model, tokenizer = load_model(config.model, device=device)
     clt = load_clt(config.clt, device=device)
     clt_info = read_json(Path(config.clt) / "config.json")
+    check_compatible(model, clt, clt_info)
+    warn_if_other_model(model, clt_info)
     model, clt = model.to(dtype), clt.to(dtype)
+    qk_at = config.qk_edges_at()
+    for layer, head, _, _ in qk_at:
+        if not (layer < model.cfg.n_layers and head < model.cfg.n_heads):
+            raise ConfigError(
+                f"qk_at: no head {head} in layer {layer} (the model has {model.cfg.n_layers} layers of "
+                f"{model.cfg.n_heads} heads)"
+            )
     prompt = config.prompt if config.prompt is not None else config.prompt_ids
+    n_pos = tokenize_prompt(prompt, tokenizer).numel()
+    if any(query >= n_pos for _, _, query, _ in qk_at):
+        raise ConfigError(f"qk_at: the prompt has {n_pos} tokens, positions 0 to {n_pos - 1}")
     graph = attribute(
         model=model, clt=clt, prompt=prompt, tokenizer=tokenizer, targets=config.targets, clt_info=clt_info,
         max_n_logits=config.max_n_logits, desired_logit_prob=config.desired_logit_prob,
@@ -336,6 +365,7 @@ def run_attribute(config: AttributeConfig) -> Path:
             pruned=pruned,
             batch_size=config.batch_size,
             qk_edges=qk,
+            qk_at=qk_at,
         )
     log.info(
         "%d feature nodes, %d edges; pruned to %d nodes, %d edges; replacement %.3f, completeness %.3f",

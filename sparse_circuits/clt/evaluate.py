@@ -29,13 +29,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from ..config import resolve_device
 from ..io import read_json, write_json
 from ..sparse_attention.data import DataSpec, load_token_data
 from ..sparse_attention.hooks import capture
 from ..sparse_attention.model import Transformer
 from ..sparse_attention.modeldir import load_model
 from .cltdir import load_clt
-from .harvest import bos_mask, own_data_context, read_tokens_file, resolve_device
+from .harvest import bos_mask, own_data_context, read_tokens_file
 from .loader import ActivationLoader
 from .model import CrossLayerTranscoder
 from .splice import (
@@ -45,6 +46,7 @@ from .splice import (
     Replacement,
     check_compatible,
     spliced_logits,
+    warn_if_other_model,
 )
 
 log = logging.getLogger(__name__)
@@ -341,7 +343,9 @@ def load_pair(
     """The model and the CLT, checked to fit each other."""
     clt = load_clt(clt_dir)
     model, _ = load_model(model_dir)
-    check_compatible(model, clt, read_json(Path(clt_dir) / "config.json"))
+    clt_info = read_json(Path(clt_dir) / "config.json")
+    check_compatible(model, clt, clt_info)
+    warn_if_other_model(model, clt_info)
     return model.to(device).eval(), clt.to(device).eval()
 
 

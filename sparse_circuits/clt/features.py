@@ -40,11 +40,12 @@ from tqdm import tqdm
 from zarr.storage import LocalStore
 
 from .. import __version__
+from ..config import resolve_device
 from ..io import atomic_dir
 from ..sparse_attention.hooks import capture, hooks
 from ..sparse_attention.model import LayerNorm, Transformer
 from .evaluate import TokenSource, load_pair, load_tokens
-from .harvest import bos_mask, resolve_device
+from .harvest import bos_mask
 from .model import CrossLayerTranscoder
 from .splice import FEATURE_INPUT_HOOK, activate_layer, encode_layer
 

@@ -25,11 +25,12 @@ import zarr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from ..config import resolve_device
 from ..io import read_json
 from ..sparse_attention.data import DATA_FILE, DataSpec, load_token_data
 from ..sparse_attention.hooks import capture, hooks
 from ..sparse_attention.model import Transformer
-from ..sparse_attention.modeldir import load_model
+from ..sparse_attention.modeldir import load_model, model_sha256
 from .store import (
     ACTIVATIONS,
     FORMAT,
@@ -131,15 +132,6 @@ class StoreURL(str):
 # ----------------------------------------------------------------------------- inputs
 
 
-def model_sha256(model: Transformer) -> str:
-    """sha256 over the config (gate settings included) and every weight tensor, by name."""
-    h = hashlib.sha256(json.dumps(model.cfg.model_dump(mode="json"), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def load_sequences(config: HarvestConfig, model: Transformer) -> torch.Tensor:
     """Token ids [n_seq, T] to harvest."""
     if config.tokens_file is None:
@@ -192,12 +184,6 @@ def own_data_context(model_dir: Path, model: Transformer) -> int:
     spec = model_dir / DATA_FILE
     recorded = read_json(spec).get("context_length") if spec.is_file() else None
     return recorded or model.cfg.context_length
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------- the row plan

@@ -12,13 +12,17 @@ Positions outside `keep` (BOS, which CLTs are trained without) keep the original
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from ..sparse_attention.hooks import hooks
 from ..sparse_attention.model import Transformer
+from ..sparse_attention.modeldir import model_sha256
 from .model import CrossLayerTranscoder
+
+log = logging.getLogger(__name__)
 
 # The hook points a CLT of ours reads and writes (train-clt records them in config.json).
 FEATURE_INPUT_HOOK = "blocks.{layer}.hook_mlp_in"
@@ -47,6 +51,24 @@ def check_compatible(
         theirs = info.get(key)
         if theirs is not None and theirs != ours:
             raise ValueError(f"the CLT's {key} is {theirs!r}; this code splices CLTs at {ours!r}")
+
+
+def warn_if_other_model(model: Transformer, clt_info: dict | None) -> bool:
+    """Warn when the CLT was trained on activations of other weights than `model`'s (the hash
+    its activation store recorded differs). Shapes may fit and the graph still be meaningless;
+    a model saved in another dtype also differs, so this warns rather than refuses.
+    Call it on the model as loaded, before any dtype change. True when the hashes agree."""
+    attrs = ((clt_info or {}).get("activations") or {}).get("attrs") or {}
+    recorded = attrs.get("model_sha256")
+    if recorded is None:
+        return False
+    if model_sha256(model) == recorded:
+        return True
+    log.warning(
+        "the CLT was trained on activations of another model (%s, sha256 %s…), not these weights",
+        attrs.get("model", "unknown"), recorded[:12],
+    )  # fmt: skip
+    return False
 
 
 # ----------------------------------------------------------------------------- one layer of a CLT

@@ -6,6 +6,8 @@ imports through `checkpoint.py`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -108,3 +110,12 @@ def load_state_strict(model: Transformer, state: dict[str, torch.Tensor], source
         model.lm_head.weight = model.embed.weight
     if model.cfg.family == "llama":  # non-persistent buffer: rebuild it off the meta device
         model.rope_inv_freq = rope_inverse_frequencies(model.cfg).to(model.embed.weight.device)
+
+
+def model_sha256(model: Transformer) -> str:
+    """sha256 over the config (gate settings included) and every weight tensor, by name."""
+    h = hashlib.sha256(json.dumps(model.cfg.model_dump(mode="json"), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
