@@ -3,7 +3,7 @@
 What is compared, side by side in one run, on the same weights and the same input:
   dense  - gate mode "off": `F.scaled_dot_product_attention(is_causal=True)` (never holds T x T)
   gated  - gate mode "stochastic" (the post-training mode): the checkpointed
-           `gated_attention_core`, which materialises this layer's T x T tensors
+           `gated_attention_core` (via `gated_pattern`), which materialises this layer's T x T tensors
 Rows:
   layer  - one `CausalSelfAttention` (projections included), fwd + bwd of x -> out
   model  - a small `Transformer` (4 layers by default), fwd + bwd of the next-token loss;

@@ -4,7 +4,8 @@ nonlinear frozen at its prompt values, kept for many backward passes.
 Shape letters: B batch (one attribution target per row), T positions, L layers, M d_model,
 H query heads, K key/value heads, D head dim.
 
-Frozen: attention patterns (q and k still run, but nothing downstream reads them), every
+Frozen: attention patterns (q and k still run, for QK attribution, but what the model
+computes from them is replaced), every
 norm's per-token scale, and each MLP output (the CLT reconstruction plus the error term, so
 feature activations are frozen too and an edge is a direct effect). What is left is linear:
 residual additions, norm centring and weights, v and o projections under fixed patterns.
@@ -154,8 +155,14 @@ class FrozenGraph:
             handle.remove()
 
     def _recorder(self, tap: Tap):
-        def record(x: torch.Tensor) -> None:
+        # q and k feed only the pattern and the MLP input only the MLP, whose outputs the
+        # frozen model replaces: past the tap, one batch row is enough (the rest is discarded
+        # work that would cost more than the backward passes of a short prompt).
+        one_row = tap.kind in ("q", "k", "mlp_in")
+
+        def record(x: torch.Tensor) -> torch.Tensor | None:
             self.taps[tap] = x
+            return x[:1] if one_row else None
 
         return record
 

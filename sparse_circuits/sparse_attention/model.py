@@ -186,15 +186,13 @@ def causal_pair_count(T: int) -> int:
     return T * (T + 1) // 2
 
 
-def gated_attention_core(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: float, mode: GateMode
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's gated attention: returns (output B,H,T,D, pattern B,H,T,S, expected_open B,H).
+def gated_pattern(
+    q: torch.Tensor, k: torch.Tensor, offset: float, mode: GateMode
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's attention pattern after the gate: returns (pattern B,H,T,S, expected_open B,H).
 
-    Holds this layer's T x T tensors only; callers checkpoint it so backward recomputes them
-    instead of keeping every layer's. T x T steps run in place wherever the backward does not
-    need the overwritten value (the same arithmetic, so the same results), which keeps the
-    recomputation's peak near the tensors backward saves.
+    T x T steps run in place wherever the backward does not need the overwritten value (the
+    same arithmetic, so the same results), which keeps the peak near the tensors backward saves.
     """
     T, S = q.shape[-2], k.shape[-2]
     causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -202,7 +200,7 @@ def gated_attention_core(
     scores.masked_fill_(~causal, float("-inf"))
     p = scores.softmax(-1)  # the ordinary causal softmax over all keys
     if mode == "off":
-        return p @ v, p, scores.new_zeros(scores.shape[:2])
+        return p, scores.new_zeros(scores.shape[:2])
     # Gate logit, in place: softmax's backward needs its output only. -inf off the causal
     # mask, so closed there.
     g = scores.add_(offset)
@@ -218,8 +216,17 @@ def gated_attention_core(
         del noisy
     else:
         z = (g > 0).to(p.dtype)
-    pattern = p * z  # not renormalised: a query with no open key outputs 0
-    return pattern @ v, pattern, expected_open
+    return p * z, expected_open  # not renormalised: a query with no open key outputs 0
+
+
+def gated_attention_core(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: float, mode: GateMode
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's gated attention: returns (output B,H,T,D, expected_open B,H). Holds this
+    layer's T x T tensors only; callers checkpoint it so backward recomputes them instead of
+    keeping every layer's."""
+    pattern, expected_open = gated_pattern(q, k, offset, mode)
+    return pattern @ v, expected_open
 
 
 class CausalSelfAttention(nn.Module):
@@ -261,14 +268,14 @@ class CausalSelfAttention(nn.Module):
             self.last_gate_stats = None
         else:
             if pattern_hooked:
-                # A hook reads or replaces the pattern: materialise it and apply it here.
-                _, pattern, expected = gated_attention_core(
-                    q, k, v, self.gate_offset, self.gate_mode
-                )
+                # A hook reads or replaces the pattern: materialise it and apply it here. A
+                # replaced pattern may have batch 1 against v's B; einsum then runs one
+                # matmul per head without copying the pattern B times (as `@` would).
+                pattern, expected = gated_pattern(q, k, self.gate_offset, self.gate_mode)
                 pattern = self.hook_pattern(pattern)
-                out = pattern @ v
+                out = torch.einsum("bhts,bhsd->bhtd", pattern, v)
             elif torch.is_grad_enabled():
-                out, _, expected = checkpoint(
+                out, expected = checkpoint(
                     gated_attention_core,
                     q,
                     k,
@@ -278,7 +285,7 @@ class CausalSelfAttention(nn.Module):
                     use_reentrant=False,
                 )
             else:
-                out, _, expected = gated_attention_core(q, k, v, self.gate_offset, self.gate_mode)
+                out, expected = gated_attention_core(q, k, v, self.gate_offset, self.gate_mode)
             self.last_gate_stats = (
                 self._hard_stats(q, k, expected) if self.gate_mode != "off" else None
             )
