@@ -16,6 +16,7 @@ import jsonschema
 import pytest
 import torch
 
+from sparse_circuits.attribution import frozen as frozen_module
 from sparse_circuits.attribution.attention import QKContext, attention_attribution, head_loadings
 from sparse_circuits.attribution.attribute import attribute
 from sparse_circuits.attribution.frozen import FrozenGraph, Tap
@@ -401,6 +402,29 @@ def test_head_summary_and_default_qk_in_a_sparsified_model():
     for qk in att.qk:  # default QK edges are open edges that carry attribution
         assert qk.pattern > 0 and qk.score + att.gate_offset > 0
         assert qk.terms.sum().item() == pytest.approx(qk.score, abs=1e-4, rel=1e-4)
+
+
+def test_sparse_frozen_patterns_give_the_dense_ones_results(setup, monkeypatch):
+    """The frozen model keeps patterns with few nonzeros as sparse tensors; edges, head loadings
+    and QK terms are those of the dense patterns (which the interventions above check)."""
+    _, model, clt, _, run = setup
+
+    def everything(density: float):
+        monkeypatch.setattr(frozen_module, "SPARSE_PATTERN_DENSITY", density)
+        g = attribute(model=model, clt=clt, prompt=run.tokens, max_feature_nodes=40, batch_size=16)
+        att = attention_attribution(
+            model=model, clt=clt, graph=g, pruned=prune(g, 1.0, 1.0), batch_size=16, qk_edges=0,
+            qk_at=[(1, 1, T - 1, 2)],
+        )  # fmt: skip
+        return g, att
+
+    monkeypatch.setattr(frozen_module, "SPARSE_PATTERN_DENSITY", 1.0)
+    assert frozen_module.frozen_pattern(run.patterns[0][None]).is_sparse
+    (gs, atts), (gd, attd) = everything(1.0), everything(0.0)
+    assert torch.equal(gs.features, gd.features) and torch.equal(gs.edge_sources, gd.edge_sources)
+    torch.testing.assert_close(gs.edge_weights, gd.edge_weights, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(atts.loadings.loadings, attd.loadings.loadings, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(atts.qk[0].terms, attd.qk[0].terms, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- pruning

@@ -75,6 +75,20 @@ def gates_off(model: nn.Module) -> Iterator[None]:
         model.set_gate(mode, offset)
 
 
+# Below this share of nonzeros a frozen pattern is kept sparse: a sparsified model's patterns
+# (about 1 % open) and diagonal ones then cost by their nonzeros in every backward pass.
+SPARSE_PATTERN_DENSITY = 0.05
+
+
+def frozen_pattern(pattern: torch.Tensor) -> torch.Tensor:
+    """The pattern as the frozen model applies it: sparse COO when few entries are nonzero."""
+    if pattern.dtype not in (torch.float32, torch.float64):
+        return pattern  # sparse matmuls are not offered for half precision everywhere
+    if pattern.count_nonzero() > SPARSE_PATTERN_DENSITY * pattern.numel():
+        return pattern
+    return pattern.to_sparse().coalesce()
+
+
 class FrozenGraph:
     """A batched forward of the linear replacement model, kept for repeated backward passes.
 
@@ -119,7 +133,8 @@ class FrozenGraph:
             pattern = run.patterns[li]  # H,T,S
             if patterns == "diagonal":
                 pattern = torch.diag_embed(pattern.diagonal(dim1=-2, dim2=-1))
-            fns[f"blocks.{li}.attn.hook_pattern"] = lambda _x, v=pattern[None]: v  # 1,H,T,S
+            pattern = frozen_pattern(pattern[None])  # 1,H,T,S
+            fns[f"blocks.{li}.attn.hook_pattern"] = lambda _x, v=pattern: v
             out = (
                 run.mlp_out[li]
                 if sources == "prompt"
