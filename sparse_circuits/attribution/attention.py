@@ -269,11 +269,12 @@ def carrying_edges(
     open_ = patterns[j, h, i[n], p[n]] > 0
     n, j, h = n[open_], j[open_], h[open_]
     key = ((j * H + h) * T + i[n]) * T + p[n]
-    carried = torch.zeros(L * H * T * T).index_add_(
-        0, key, (edge_weights.float()[n] * share[n, j, h])
+    keys, slot = key.unique(return_inverse=True)  # only the hops some edge uses, never L*H*T*T
+    carried = torch.zeros(keys.numel()).index_add_(
+        0, slot, (edge_weights.float()[n] * share[n, j, h])
     )
     best = carried.argsort(descending=True)[:top]
-    best = best[carried[best] > 0].tolist()
+    best = keys[best[carried[best] > 0]].tolist()
     return [(k // (H * T * T), k // (T * T) % H, k // T % T, k % T) for k in best]
 
 
