@@ -188,8 +188,9 @@ def causal_pair_count(T: int) -> int:
 
 def gated_pattern(
     q: torch.Tensor, k: torch.Tensor, offset: float, mode: GateMode
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's attention pattern after the gate: returns (pattern B,H,T,S, expected_open B,H).
+) -> tuple[torch.Tensor, GateStats | None]:
+    """One layer's attention pattern after the gate: returns (pattern B,H,T,S, gate statistics,
+    None when the gate is off).
 
     T x T steps run in place wherever the backward does not need the overwritten value (the
     same arithmetic, so the same results), which keeps the peak near the tensors backward saves.
@@ -200,12 +201,14 @@ def gated_pattern(
     scores.masked_fill_(~causal, float("-inf"))
     p = scores.softmax(-1)  # the ordinary causal softmax over all keys
     if mode == "off":
-        return p, scores.new_zeros(scores.shape[:2])
+        return p, None
     # Gate logit, in place: softmax's backward needs its output only. -inf off the causal
     # mask, so closed there.
     g = scores.add_(offset)
     del scores
     expected_open = torch.sigmoid(g).sum((-1, -2)) / causal_pair_count(T)  # B,H
+    hard = g > 0  # the deterministic gate, counted before noise goes into g in place
+    stats = GateStats(expected_open, hard.sum((-1, -2)), (~hard.any(-1)).sum(-1))
     if mode == "stochastic":
         u = torch.rand_like(g).clamp_(1e-6, 1 - 1e-6)
         log1m_u = u.neg().log1p_()
@@ -215,8 +218,8 @@ def gated_pattern(
         z = (noisy > 0).to(soft.dtype).add_(soft).sub_(soft.detach())  # straight-through
         del noisy
     else:
-        z = (g > 0).to(p.dtype)
-    return p * z, expected_open  # not renormalised: a query with no open key outputs 0
+        z = hard.to(p.dtype)
+    return p * z, stats  # not renormalised: a query with no open key outputs 0
 
 
 def apply_pattern(pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -235,12 +238,12 @@ def apply_pattern(pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def gated_attention_core(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: float, mode: GateMode
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's gated attention: returns (output B,H,T,D, expected_open B,H). Holds this
+) -> tuple[torch.Tensor, GateStats | None]:
+    """One layer's gated attention: returns (output B,H,T,D, gate statistics). Holds this
     layer's T x T tensors only; callers checkpoint it so backward recomputes them instead of
     keeping every layer's."""
-    pattern, expected_open = gated_pattern(q, k, offset, mode)
-    return pattern @ v, expected_open
+    pattern, stats = gated_pattern(q, k, offset, mode)
+    return pattern @ v, stats
 
 
 class CausalSelfAttention(nn.Module):
@@ -278,40 +281,20 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(H // K, dim=1)
         pattern_hooked = bool(self.hook_pattern._forward_hooks)
         if self.gate_mode == "off" and not pattern_hooked:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # B,H,T,D
-            self.last_gate_stats = None
-        else:
-            if pattern_hooked:
-                # A hook reads or replaces the pattern: materialise it and apply it here.
-                pattern, expected = gated_pattern(q, k, self.gate_offset, self.gate_mode)
-                out = apply_pattern(self.hook_pattern(pattern), v)
-            elif torch.is_grad_enabled():
-                out, expected = checkpoint(
-                    gated_attention_core,
-                    q,
-                    k,
-                    v,
-                    self.gate_offset,
-                    self.gate_mode,
-                    use_reentrant=False,
-                )
-            else:
-                out, expected = gated_attention_core(q, k, v, self.gate_offset, self.gate_mode)
-            self.last_gate_stats = (
-                self._hard_stats(q, k, expected) if self.gate_mode != "off" else None
+            out, stats = F.scaled_dot_product_attention(q, k, v, is_causal=True), None  # B,H,T,D
+        elif pattern_hooked:
+            # A hook reads or replaces the pattern: materialise it and apply it here.
+            pattern, stats = gated_pattern(q, k, self.gate_offset, self.gate_mode)
+            out = apply_pattern(self.hook_pattern(pattern), v)
+        elif torch.is_grad_enabled():
+            out, stats = checkpoint(
+                gated_attention_core, q, k, v, self.gate_offset, self.gate_mode, use_reentrant=False
             )
+        else:
+            out, stats = gated_attention_core(q, k, v, self.gate_offset, self.gate_mode)
+        self.last_gate_stats = stats
         z = self.hook_z(out.transpose(1, 2))  # B,T,H,D
         return self.o_proj(z.reshape(B, T, H * D))
-
-    @torch.no_grad()
-    def _hard_stats(self, q: torch.Tensor, k: torch.Tensor, expected: torch.Tensor) -> GateStats:
-        """Deterministic-gate counts; recomputes the scores once more, without keeping them."""
-        T = q.shape[-2]
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        open_ = (
-            ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + self.gate_offset) > 0
-        ) & causal
-        return GateStats(expected, open_.sum((-1, -2)), (~open_.any(-1)).sum(-1))
 
 
 # ----------------------------------------------------------------------------- MLP and block
