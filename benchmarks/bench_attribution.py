@@ -21,6 +21,8 @@ graph's cross-position edges, QK for the sparse model's top open edges).
 Run from the repository root:
     python benchmarks/bench_attribution.py                        # CPU, random models
     python benchmarks/bench_attribution.py --model M --clt C --sparse-model S --sparse-clt SC
+With --dense-matmuls, the sparsified model runs a second time with its frozen patterns applied
+as dense matrices: the ratio is what sparse pattern matmuls save.
 Writes benchmarks/results/attribution.json and prints a markdown table.
 """
 
@@ -42,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparse_circuits.attribution import frozen  # noqa: E402
 from sparse_circuits.attribution.attention import attention_attribution  # noqa: E402
 from sparse_circuits.attribution.attribute import attribute  # noqa: E402
 from sparse_circuits.attribution.prune import count_for_coverage, graph_scores, prune  # noqa: E402
@@ -138,6 +141,8 @@ def prompt_ids(tokenizer, vocab_size: int, T: int, seed: int) -> list[int]:
 def measure(job: dict) -> dict:
     """One graph in this process: times, sizes and peak memory."""
     torch.set_num_threads(job["threads"])
+    if job.get("dense_matmuls"):  # the frozen model's patterns as dense tensors, however sparse
+        frozen.SPARSE_PATTERN_DENSITY = 0.0
     model, tokenizer = load_model(job["model"])
     clt = load_clt(job["clt"])
     clt_info = read_json(Path(job["clt"]) / "config.json")
@@ -206,6 +211,12 @@ def main() -> None:
         default=0.03,
         help="random sparse model: open share of causal pairs",
     )
+    p.add_argument(
+        "--dense-matmuls",
+        action="store_true",
+        help="also the sparsified model with its frozen patterns applied as dense matrices "
+        "(variant sparse/dense-matmuls), to measure what sparse pattern matmuls save",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -225,11 +236,14 @@ def main() -> None:
         else:
             dirs = random_models(Path(tmp), args)
         rows = []
+        variants = ["dense", "sparse"] + (["sparse/dense-matmuls"] if args.dense_matmuls else [])
         for length in args.lengths:
-            for variant in ("dense", "sparse"):
-                job = {"variant": variant, "length": length, "model": str(dirs[variant][0]), "clt": str(dirs[variant][1]),
+            for variant in variants:
+                model_dir, clt_dir = dirs[variant.split("/")[0]]
+                job = {"variant": variant, "length": length, "model": str(model_dir), "clt": str(clt_dir),
                        "max_feature_nodes": args.max_feature_nodes, "batch_size": args.batch_size,
-                       "qk_edges": args.qk_edges, "threads": args.threads, "seed": args.seed}  # fmt: skip
+                       "qk_edges": args.qk_edges, "threads": args.threads, "seed": args.seed,
+                       "dense_matmuls": variant.endswith("dense-matmuls")}  # fmt: skip
                 rows.append(run_child(job))
                 print(json.dumps(rows[-1]), file=sys.stderr)
         models = {
@@ -268,6 +282,10 @@ def main() -> None:
         d, s = by[("dense", length)], by[("sparse", length)]
         print(f"T={length}: dense/sparse graph time {d['graph_s'] / s['graph_s']:.2f}x, "
               f"edges {d['edges'] / max(s['edges'], 1):.1f}x")  # fmt: skip
+        if ("sparse/dense-matmuls", length) in by:
+            m = by[("sparse/dense-matmuls", length)]
+            print(f"T={length}: sparse model, dense/sparse pattern matmuls: graph time "
+                  f"{m['graph_s'] / s['graph_s']:.2f}x, total {m['total_s'] / s['total_s']:.2f}x")  # fmt: skip
     print(f"wrote {args.out}")
 
 
