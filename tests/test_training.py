@@ -29,9 +29,11 @@ from sparse_circuits.sparse_attention.data import (
 from sparse_circuits.sparse_attention.modeldir import load_model
 from sparse_circuits.sparse_attention.sparsify import (
     SparsifyConfig,
+    dense_reference,
     gate_offset_at,
     tolerance,
     update_lambda,
+    wrap_lora,
 )
 from sparse_circuits.sparse_attention.toy import (
     addition_data,
@@ -218,6 +220,26 @@ def test_sparsify_with_lora_and_distillation(toy_model, tmp_path):
     model, _ = load_model(out)
     assert not any("lora" in k for k in model.state_dict())
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["kl"] >= 0
+
+
+def test_the_constraints_dense_reference_is_the_dense_model(toy_model):
+    """Per-batch dense CE: a frozen copy, or under LoRA the base weights with adapters off,
+    whatever the trainee's gates and adapters are doing."""
+    dense, _ = load_model(toy_model)
+    x = torch.randint(0, dense.cfg.vocab_size, (3, 8))
+    with torch.no_grad():
+        expected = dense(x, x).loss
+    for lora in (False, True):
+        model, _ = load_model(toy_model)
+        trainee = wrap_lora(model, 4) if lora else model
+        dense_forward = dense_reference(model, trainee, lora=lora)
+        with torch.no_grad():  # the trainee moves away from the dense model
+            for name, p in trainee.named_parameters():
+                if not lora or "lora_" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+        model.set_gate("stochastic", 0.0)
+        assert dense_forward(x, x).loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert trainee(x, x).loss.item() != pytest.approx(expected.item(), rel=1e-3)
 
 
 def _sparsify_cmd(model: Path, out: Path) -> list[str]:

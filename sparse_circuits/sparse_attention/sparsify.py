@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from ..io import claim_run_dir, load_tensors, save_tensors, write_json
 from .connectivity import evaluate
 from .data import DataSpec, TokenData, load_token_data, save_data_spec
 from .hooks import capture
-from .model import GateConfig, Transformer, causal_pair_count
+from .model import GateConfig, ModelOutput, Transformer, causal_pair_count
 from .modeldir import load_model, save_model
 from .plots import plot_attention_patterns
 from .training import OptimConfig, autocast, run_training
@@ -138,13 +139,38 @@ def update_lambda(
 # ----------------------------------------------------------------------------- the run
 
 
-def _wrap_lora(model: Transformer, rank: int) -> torch.nn.Module:
+def wrap_lora(model: Transformer, rank: int) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415  (optional dependency)
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
     return get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
     )
+
+
+def dense_reference(
+    model: Transformer, trainee: torch.nn.Module, lora: bool
+) -> Callable[[torch.Tensor, torch.Tensor], ModelOutput]:
+    """The dense model's output on a batch, without gradients. Each batch's constraint is
+    measured against the dense CE on that same batch (a held-out τ would compare a memorised
+    training stream with unseen text, and the noise of a few sequences exceeds a 2 % tolerance);
+    the same output teaches KL. Under LoRA the base weights are the dense model; otherwise a
+    frozen copy stays beside the trainee."""
+    if lora:
+
+        def forward(x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
+            model.set_gate("off")
+            with torch.no_grad(), trainee.disable_adapter():
+                return trainee(x, y)
+
+        return forward
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def forward(x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
+        with torch.no_grad():
+            return teacher(x, y)
+
+    return forward
 
 
 def sparsify(cfg: SparsifyConfig) -> Path:
@@ -171,14 +197,11 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     dense = evaluate(model, held_x, held_y, batch_size=cfg.eval_batch_size, task=task)
     tau = tolerance(dense["loss"], cfg.tolerance_rel, cfg.tolerance_abs)
     log.info("dense held-out CE %.4f, τ = %.4f", dense["loss"], tau)
-    # The dense model stays beside the trainee: each batch's constraint is measured against its
-    # CE on that same batch (a held-out τ would compare a memorised training stream with unseen
-    # text, and per-batch noise of a few sequences exceeds a 2 % tolerance) and it teaches KL.
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
     sample = held_x[cfg.figure_index % held_x.shape[0]].unsqueeze(0)
     dense_patterns = _patterns(model, sample)
 
-    trainee: torch.nn.Module = _wrap_lora(model, cfg.lora_rank) if cfg.lora_rank else model
+    trainee: torch.nn.Module = wrap_lora(model, cfg.lora_rank) if cfg.lora_rank else model
+    dense_forward = dense_reference(model, trainee, lora=bool(cfg.lora_rank))
     state = {"lambda": cfg.lambda_init, "ema": 0.0, "best_step": -1, "best_connectivity": 2.0}
     anneal_steps = int(cfg.gate_offset_anneal * cfg.steps)
     n_eval = held_x.shape[0]
@@ -216,16 +239,15 @@ def sparsify(cfg: SparsifyConfig) -> Path:
 
     def step_fn(step: int) -> dict[str, float]:
         offset = gate_offset_at(step, start=cfg.gate_offset_start, anneal_steps=anneal_steps)
-        model.set_gate("stochastic", offset)
         x, y = data.batch(step, cfg.batch_size, cfg.seed)
         x, y = x.to(device), y.to(device)
         with autocast(cfg.device):
+            dense_out = dense_forward(x, y)
+            model.set_gate("stochastic", offset)
             o = trainee(x, y)
             expected = torch.stack([s.expected_open for s in o.gate_stats])  # L,B,H
             open_fraction = expected.mean()
             loss = open_fraction + state["lambda"] * o.loss
-            with torch.no_grad():
-                dense_out = teacher(x, y)
             kl = torch.zeros(())
             if cfg.distill_weight > 0:
                 t_logits = dense_out.logits
