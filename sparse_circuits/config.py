@@ -47,11 +47,23 @@ def _scalar_type(annotation: Any) -> tuple[Any, list | None, bool]:
     return None, None, False  # nested models and dicts: only through --config
 
 
+def _fields_in_help_order(config_cls: type[BaseModel]) -> list[str]:
+    """A config's fields, its own before those it inherits (so that --model and --out lead, and
+    shared groups such as the data source follow)."""
+    names: list[str] = []
+    for cls in config_cls.__mro__:
+        for name in vars(cls).get("__annotations__", {}):
+            if name in config_cls.model_fields and name not in names:
+                names.append(name)
+    return names
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[BaseModel]) -> None:
     parser.add_argument(
         "--config", type=Path, help="JSON or YAML file with this stage's config; flags override it"
     )
-    for name, field in config_cls.model_fields.items():
+    for name in _fields_in_help_order(config_cls):
+        field = config_cls.model_fields[name]
         help_ = field.description or ""
         if field.annotation is bool:
             parser.add_argument(

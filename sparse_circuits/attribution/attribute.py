@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..clt.cltdir import load_clt
 from ..clt.model import CrossLayerTranscoder
-from ..clt.splice import check_compatible, warn_if_other_model
+from ..clt.splice import warn_if_other_model
 from ..config import ConfigError, resolve_device
 from ..io import read_json
 from ..sparse_attention.model import Transformer
@@ -329,8 +329,7 @@ def run_attribute(config: AttributeConfig) -> Path:
     model, tokenizer = load_model(config.model, device=device)
     clt = load_clt(config.clt, device=device)
     clt_info = read_json(Path(config.clt) / "config.json")
-    check_compatible(model, clt, clt_info)
-    warn_if_other_model(model, clt_info)
+    warn_if_other_model(model, clt_info)  # on the weights as loaded; attribute() checks the fit
     model, clt = model.to(dtype), clt.to(dtype)
     qk_at = config.qk_edges_at()
     for layer, head, _, _ in qk_at:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from tqdm import tqdm
 
 from ..config import resolve_device
@@ -36,7 +36,7 @@ from ..sparse_attention.hooks import capture
 from ..sparse_attention.model import Transformer
 from ..sparse_attention.modeldir import load_model
 from .cltdir import load_clt
-from .harvest import bos_mask, own_data_context, read_tokens_file
+from .harvest import DataSource, StoreAccess, bos_mask, own_data_context, read_tokens_file
 from .loader import ActivationLoader
 from .model import CrossLayerTranscoder
 from .splice import (
@@ -54,21 +54,9 @@ log = logging.getLogger(__name__)
 STORE_BATCH_ROWS = 4096  # rows per batch read from an activation store
 
 
-class TokenSource(BaseModel):
+class TokenSource(DataSource):
     """Where evaluation tokens come from: the model's own data by default (its data.json)."""
 
-    model_config = ConfigDict(extra="forbid")
-    data: DataSpec | None = Field(
-        None, description="Data spec (through --config); default: the model's own data.json."
-    )
-    corpus: list[str] | None = Field(
-        None,
-        description="Text files, folders or globs, tokenised with the model's tokenizer.json and packed.",
-    )
-    tokens_file: Path | None = Field(
-        None,
-        description="A .npy or .pt integer array of token ids [n_seq, T], used whole (no split).",
-    )
     split: Literal["heldout", "train"] = Field(
         "heldout", description="Which split of the model's data."
     )
@@ -81,13 +69,6 @@ class TokenSource(BaseModel):
     include_bos: bool = Field(
         False, description="Count BOS rows (left out by default, as in harvest)."
     )
-
-    @model_validator(mode="after")
-    def _one_data_source(self):
-        given = [n for n in ("data", "corpus", "tokens_file") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give at most one data source; got {', '.join(given)}")
-        return self
 
 
 def load_tokens(
@@ -129,7 +110,7 @@ def load_tokens(
     return seqs.long(), targets.long()
 
 
-class EvalCLTConfig(TokenSource):
+class EvalCLTConfig(TokenSource, StoreAccess):
     """`eval-clt`: reconstruction and spliced-model metrics of a CLT, into its metrics.json."""
 
     clt: Path = Field(
@@ -145,10 +126,6 @@ class EvalCLTConfig(TokenSource):
     )
     tokens: int | None = Field(
         None, gt=0, description="Store rows to read at most (with --activations); default all."
-    )
-    endpoint_url: str | None = Field(None, description="S3 endpoint for an s3:// store.")
-    storage_options: dict | None = Field(
-        None, description="fsspec options for a remote store; never saved."
     )
     batch_size: int = Field(32, gt=0, description="Sequences per forward pass.")
     dense_threshold: float = Field(
@@ -360,11 +337,8 @@ def eval_clt(config: EvalCLTConfig) -> Path:
         reconstruction=not from_store, dense_threshold=config.dense_threshold,
     )  # fmt: skip
     if from_store:
-        options = dict(config.storage_options or {})
-        if config.endpoint_url is not None:
-            options["endpoint_url"] = config.endpoint_url
         metrics = evaluate_store(
-            clt, config.activations, storage_options=options, max_rows=config.tokens,
+            clt, config.activations, storage_options=config.fsspec_options(), max_rows=config.tokens,
             dense_threshold=config.dense_threshold, device=device,
         ) | metrics  # fmt: skip
     metrics["eval"] = {

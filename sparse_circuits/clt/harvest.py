@@ -57,10 +57,52 @@ from .store import (
 log = logging.getLogger(__name__)
 
 
-class HarvestConfig(BaseModel):
-    """`harvest`: record MLP inputs and outputs into a zarr activation store."""
+class DataSource(BaseModel):
+    """Where token sequences come from: at most one of these; none, the model's own data."""
 
     model_config = ConfigDict(extra="forbid")
+    data: DataSpec | None = Field(
+        None, description="Data spec (through --config); default: the model's own data.json."
+    )
+    corpus: list[str] | None = Field(
+        None,
+        description="Text files, folders or globs, tokenised with the model's tokenizer.json and packed.",
+    )
+    tokens_file: Path | None = Field(
+        None,
+        description="A .npy or .pt integer array of token ids [n_seq, T], used whole (no split).",
+    )
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> DataSource:
+        given = [n for n in ("data", "corpus", "tokens_file") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one data source; got {', '.join(given)}")
+        return self
+
+
+class StoreAccess(BaseModel):
+    """How to reach a remote activation store."""
+
+    model_config = ConfigDict(extra="forbid")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint for an s3:// store (MinIO, a local server...)."
+    )
+    storage_options: dict | None = Field(
+        None,
+        description="fsspec options for a remote store (credentials...); never saved with the store.",
+    )
+
+    def fsspec_options(self) -> dict:
+        opts = dict(self.storage_options or {})
+        if self.endpoint_url is not None:
+            opts["endpoint_url"] = self.endpoint_url
+        return opts
+
+
+class HarvestConfig(DataSource, StoreAccess):
+    """`harvest`: record MLP inputs and outputs into a zarr activation store."""
+
     model: Path = Field(description="Model directory (dense or sparsified; gates run as saved).")
     out: str = Field(description="Store location: a local path or s3://bucket/prefix.")
     tokens: int | None = Field(
@@ -71,16 +113,6 @@ class HarvestConfig(BaseModel):
         None,
         gt=0,
         description="Tokens per sequence; default: the model's data context (at most the model's).",
-    )
-    data: DataSpec | None = Field(
-        None, description="Data spec (through --config); default: the model's own data.json."
-    )
-    corpus: list[str] | None = Field(
-        None,
-        description="Text files, folders or globs, tokenised with the model's tokenizer.json and packed.",
-    )
-    tokens_file: Path | None = Field(
-        None, description="A .npy or .pt integer array of token ids [n_seq, T]."
     )
     include_bos: bool = Field(
         False, description="Keep rows at BOS tokens (attention-sink outliers; left out by default)."
@@ -95,27 +127,7 @@ class HarvestConfig(BaseModel):
         4, gt=0, description="Shards whose rows are permuted together (the write buffer)."
     )
     seed: int = Field(0, description="Seeds the sequence order and the row shuffle.")
-    endpoint_url: str | None = Field(
-        None, description="S3 endpoint for an s3:// store (MinIO, a local server...)."
-    )
-    storage_options: dict | None = Field(
-        None,
-        description="fsspec options for a remote store (credentials...); never saved with the store.",
-    )
     device: str = Field("auto", description="Torch device; auto picks cuda when present.")
-
-    @model_validator(mode="after")
-    def _one_data_source(self) -> HarvestConfig:
-        given = [n for n in ("data", "corpus", "tokens_file") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give at most one data source; got {', '.join(given)}")
-        return self
-
-    def fsspec_options(self) -> dict:
-        opts = dict(self.storage_options or {})
-        if self.endpoint_url is not None:
-            opts["endpoint_url"] = self.endpoint_url
-        return opts
 
 
 class StoreURL(str):
