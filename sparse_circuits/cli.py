@@ -9,71 +9,25 @@ import sys
 
 from .config import ConfigError, add_config_arguments, config_from_args
 from .io import RunDirError
+from .stages import STAGES, Stage
 
-# command -> (module, config class, run function, one-line help). A stage's module is imported
-# only when that stage runs, so its heavy imports cost only that stage.
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "train-toy": (
-        "sparse_circuits.sparse_attention.train",
-        "ToyTrainConfig",
-        "train_toy",
-        "train a small model on a toy task",
+# command -> (module, config class, run function, one-line help): the pipeline stages, then the
+# commands that are not stages (they take a config too, but are not jobs).
+COMMANDS: dict[str, Stage] = {
+    **STAGES,
+    "quickstart": Stage(
+        "sparse_circuits.quickstart", "QuickstartConfig", "quickstart",
+        "the whole pipeline on the toy task, then serve it",
     ),
-    "pretrain": (
-        "sparse_circuits.sparse_attention.train",
-        "PretrainConfig",
-        "pretrain",
-        "train a small LM on a text corpus",
+    "serve": Stage(
+        "sparse_circuits.server.cli", "ServeConfig", "serve",
+        "serve the REST API, the viewer and (unless --no-worker) one job worker",
     ),
-    "sparsify": (
-        "sparse_circuits.sparse_attention.sparsify",
-        "SparsifyConfig",
-        "sparsify",
-        "sparse attention post-training",
+    "worker": Stage(
+        "sparse_circuits.jobs.worker", "WorkerConfig", "run_worker",
+        "run queued jobs from the data dir's database",
     ),
-    "attribute": (
-        "sparse_circuits.attribution.attribute",
-        "AttributeConfig",
-        "run_attribute",
-        "compute an attribution graph",
-    ),
-    "harvest": (
-        "sparse_circuits.clt.harvest",
-        "HarvestConfig",
-        "harvest",
-        "record MLP inputs and outputs into a zarr store",
-    ),
-    "train-clt": (
-        "sparse_circuits.clt.train",
-        "TrainCLTConfig",
-        "train_clt",
-        "train a cross-layer transcoder on an activation store",
-    ),
-    "eval-clt": (
-        "sparse_circuits.clt.evaluate",
-        "EvalCLTConfig",
-        "eval_clt",
-        "evaluate a CLT: FVU, L0, and the model with every MLP replaced by it",
-    ),
-    "export": (
-        "sparse_circuits.clt.export",
-        "ExportConfig",
-        "export",
-        "write a CLT in circuit-tracer's layout",
-    ),
-    "feature-stats": (
-        "sparse_circuits.clt.features",
-        "FeatureStatsConfig",
-        "feature_stats",
-        "per-feature top contexts, frequency, histogram and logits for the service",
-    ),
-    "quickstart": (
-        "sparse_circuits.quickstart",
-        "QuickstartConfig",
-        "quickstart",
-        "the whole pipeline on the toy task",
-    ),
-}
+}  # fmt: skip
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -23,13 +23,13 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from ..clt.cltdir import load_clt
 from ..clt.model import CrossLayerTranscoder
 from ..clt.splice import warn_if_other_model
 from ..config import ConfigError, resolve_device
 from ..io import read_json
+from ..progress import progress_bar
 from ..sparse_attention.model import Transformer
 from ..sparse_attention.modeldir import load_model
 from .attention import attention_attribution
@@ -159,7 +159,7 @@ def attribute(
     weights = logit_weights(logit_targets)
     visited = torch.zeros(N, dtype=torch.bool)
     positions = sources.features[:, 1].cpu()
-    with tqdm(total=budget, desc="feature rows", disable=not progress, unit="row") as bar:
+    with progress_bar(total=budget, desc="feature rows", disable=not progress, unit="row") as bar:
         while int(visited.sum()) < budget:
             n_visited = int(visited.sum())
             if budget == N:

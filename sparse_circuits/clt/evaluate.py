@@ -27,10 +27,10 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from tqdm import tqdm
 
 from ..config import resolve_device
 from ..io import read_json, write_json
+from ..progress import progress_bar
 from ..sparse_attention.data import DataSpec, load_token_data
 from ..sparse_attention.hooks import capture
 from ..sparse_attention.model import Transformer
@@ -260,7 +260,7 @@ def evaluate(
         for layer in range(L)
         for h in (FEATURE_INPUT_HOOK, FEATURE_OUTPUT_HOOK)
     ]
-    for j in tqdm(range(0, len(tokens), batch_size), desc="eval-clt", unit="batch"):
+    for j in progress_bar(range(0, len(tokens), batch_size), desc="eval-clt", unit="batch"):
         tok, tgt = tokens[j : j + batch_size].to(device), targets[j : j + batch_size].to(device)
         keep = bos_mask(tok, model.cfg.bos_token_id, include_bos)  # B,T
         with capture(model, names if reconstruction else []) as acts:
@@ -300,7 +300,7 @@ def evaluate_store(
         clt.cfg.n_layers, clt.cfg.d_features, clt.cfg.d_model, torch.device(device)
     )
     total = min(loader.n_rows, max_rows or loader.n_rows)
-    with tqdm(total=total, desc="eval-clt store", unit="tok", unit_scale=True) as bar:
+    with progress_bar(total=total, desc="eval-clt store", unit="tok", unit_scale=True) as bar:
         for x, y in loader:
             n = min(len(x), total - rec.rows)
             out = clt(x[:n].to(clt.W_enc.dtype))

@@ -36,12 +36,12 @@ import torch
 import zarr
 from pydantic import Field, field_validator
 from tokenizers import Tokenizer
-from tqdm import tqdm
 from zarr.storage import LocalStore
 
 from .. import __version__
 from ..config import resolve_device
 from ..io import atomic_dir
+from ..progress import progress_bar
 from ..sparse_attention.hooks import capture, hooks
 from ..sparse_attention.model import LayerNorm, Transformer
 from .evaluate import TokenSource, load_pair, load_tokens
@@ -248,7 +248,7 @@ def accumulate(
     def stop(_x):
         raise _StopForward
 
-    for j in tqdm(range(0, len(tokens), batch_size), desc="feature-stats", unit="batch"):
+    for j in progress_bar(range(0, len(tokens), batch_size), desc="feature-stats", unit="batch"):
         tok = tokens[j : j + batch_size].to(device)  # B,T
         keep = bos_mask(tok, model.cfg.bos_token_id, include_bos)
         with capture(model, names) as acts, hooks(model, {names[-1]: stop}):

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import zarr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm import tqdm
 
 from ..config import resolve_device
 from ..io import read_json
+from ..progress import progress_bar
 from ..sparse_attention.data import DATA_FILE, DataSpec, load_token_data
 from ..sparse_attention.hooks import capture, hooks
 from ..sparse_attention.model import Transformer
@@ -386,7 +386,7 @@ def run_block(
 class BlockProgress:
     """Advances the bar by the rows of a block that go into the store, not the overlap computed around them."""
 
-    def __init__(self, bar: tqdm, skip: int, n: int):
+    def __init__(self, bar, skip: int, n: int):
         self.bar, self.skip, self.n, self.seen = bar, skip, n, 0
 
     def __call__(self, rows: int) -> None:
@@ -461,7 +461,7 @@ def harvest(config: HarvestConfig) -> StoreURL:
     # all rows written (killed while finishing): nothing to recompute
     first_block = first_shard // config.shuffle_shards if start < rows_total else plan.n_blocks
     done = min(first_block * plan.block_rows, rows_total)  # rows of blocks not recomputed
-    with tqdm(
+    with progress_bar(
         total=rows_total, initial=done, unit="tok", unit_scale=True, desc="harvest", smoothing=0.1
     ) as progress:
         try:

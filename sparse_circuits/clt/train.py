@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ..config import resolve_device
 from ..io import (
@@ -41,6 +40,7 @@ from ..io import (
     save_checkpoint,
     write_json,
 )
+from ..progress import progress_bar
 from .cltdir import load_clt, save_clt
 from .loader import ActivationLoader, open_store
 from .model import Activation, CLTConfig, CrossLayerTranscoder, l0, sparsity_coefficient
@@ -425,7 +425,7 @@ class _Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         else:
             self.ddp = self.model
-        self.bar = tqdm(
+        self.bar = progress_bar(
             total=self.steps,
             initial=self.step,
             desc="train-clt",

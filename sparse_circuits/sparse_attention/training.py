@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from ..io import append_jsonl, load_checkpoint, save_checkpoint
+from ..progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def run_training(
 
     metrics: dict[str, float] = {}
     model.train()
-    bar = tqdm(
+    bar = progress_bar(
         range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, dynamic_ncols=True
     )
     for step in bar:

@@ -1,0 +1,153 @@
+"""The service's records: jobs, artifacts (models, stores, transcoders, graphs) and API keys.
+
+SQLAlchemy 2 tables; SQLite (one file in the data dir, WAL) is the embedded default and
+PostgreSQL, by URL, serves several replicas. The schema is created and changed only by the
+alembic migrations beside this file (`migrate`), never by `create_all`. Artifacts themselves are
+files under the data dir; a row holds where one is, its metrics and its lineage, never its bytes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+DB_FILE = "sparse-circuits.db"
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+ARTIFACT_KINDS = ("model", "store", "transcoder", "graph")
+
+# JSON on SQLite, JSONB on PostgreSQL.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    """One run of one stage: `kind` names the stage, `config` is exactly its config (as JSON)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # lease: who runs it and until when; an expired lease returns the job to the queue
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # progress, as the stage's own bars and metrics report it
+    step: Mapped[int | None] = mapped_column(Integer)
+    total: Mapped[int | None] = mapped_column(Integer)
+    progress_desc: Mapped[str | None] = mapped_column(String(128))
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    log_tail: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[str | None] = mapped_column(Text)  # the artifact path the stage returned
+    # where it ran (observability across machines)
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    backend: Mapped[str] = mapped_column(String(16), default="local")
+    backend_ref: Mapped[str | None] = mapped_column(String(128))  # e.g. the Ray job id
+    key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"))
+
+    __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),)
+
+
+class Artifact(Base):
+    """A model dir, activation store, CLT dir or graph under the data dir, with its lineage."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # one of ARTIFACT_KINDS
+    name: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(Text, unique=True)  # relative to the data dir (or s3:// URL)
+    state: Mapped[str] = mapped_column(String(16), default="complete")  # complete | partial
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    # lineage: the model a store came from, the store a CLT was trained on, a graph's model and CLT
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id"))
+    store_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id"))
+    transcoder_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id"))
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # kind-specific facts
+
+
+class ApiKey(Base):
+    """A write key; only the SHA-256 of its secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(255))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(
+        String(16)
+    )  # the secret's first characters, to tell keys apart
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+def database_url(data_dir: str | Path, url: str | None = None) -> str:
+    """`url` when given, else the embedded SQLite file in the data dir."""
+    return url or f"sqlite:///{Path(data_dir).resolve() / DB_FILE}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)
