@@ -151,3 +151,36 @@ def make_engine(url: str) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+# ----------------------------------------------------------------------------- migrations
+
+
+def alembic_config(url: str):
+    """Alembic's config for the migrations packaged beside this file, aimed at `url`."""
+    from alembic.config import Config  # noqa: PLC0415  (alembic only when migrating)
+
+    cfg = Config(str(Path(__file__).with_name("alembic.ini")))
+    cfg.attributes["url"] = url
+    return cfg
+
+
+def migrate(url: str) -> None:
+    """Upgrade the database at `url` to the newest schema; does nothing when already there.
+
+    On PostgreSQL the upgrade holds an advisory lock, so replicas that race wait for the first.
+    """
+    from alembic import command  # noqa: PLC0415
+
+    command.upgrade(alembic_config(url), "head")
+
+
+def schema_is_current(engine: Engine) -> bool:
+    """Whether the database behind `engine` is at the newest migration."""
+    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+    from alembic.script import ScriptDirectory  # noqa: PLC0415
+
+    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
+    with engine.connect() as conn:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+    return current == set(script.get_heads())
