@@ -39,3 +39,11 @@ class ServerSettings(BaseModel):
     scan_on_start: bool = Field(
         True, description="Register artifacts found in the data dir at start."
     )
+    migrate_on_start: bool = Field(
+        True,
+        description="Bring an SQLite database to the latest schema at start (PostgreSQL is "
+        "migrated by `sparse-circuits db upgrade`, never by a server).",
+    )
+    events_poll_s: float = Field(
+        0.5, gt=0, description="How often a job event stream reads the database for changes."
+    )
