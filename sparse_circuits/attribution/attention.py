@@ -292,8 +292,15 @@ def attention_attribution(
     """Head loadings of the pruned graph's cross-position edges, the head summary (weights:
     the edges' influence in the pruned graph), and QK attributions of the `qk_edges` open
     attention edges carrying most of it, then of each (layer, head, query, key) in `qk_at`."""
-    rm = ReplacementModel(model, clt)
+    # The graph's own conventions: which positions hold features, what embeddings hold.
+    include_bos = graph.settings.get("include_bos", not graph.featureless_positions)
+    rm = ReplacementModel(model, clt, include_bos=include_bos, embedding=graph.embedding)
     run = rm.run_prompt(graph.tokens)
+    if run.featureless_positions() != list(graph.featureless_positions):
+        raise ValueError(
+            f"the graph has no features at positions {graph.featureless_positions}, this run at "
+            f"{run.featureless_positions()}: pass the graph's own model and CLT"
+        )
     sources = SourceTable(rm, run)
     pos = graph.node_positions()
     cross = pruned.edge_mask & (pos[graph.edge_sources] < pos[graph.edge_targets])

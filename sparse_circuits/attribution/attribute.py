@@ -14,6 +14,7 @@ gives some) and influence is estimated on the edge list, never on a dense matrix
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -27,8 +28,8 @@ from tokenizers import Tokenizer
 from ..clt.cltdir import load_clt
 from ..clt.model import CrossLayerTranscoder
 from ..clt.splice import warn_if_other_model
-from ..config import ConfigError, resolve_device
-from ..io import read_json
+from ..config import DEVICE_HELP, ConfigError, Device, resolve_device
+from ..io import claim_output_file, read_json
 from ..progress import progress_bar
 from ..sparse_attention.model import Transformer
 from ..sparse_attention.modeldir import load_model
@@ -36,9 +37,9 @@ from .attention import attention_attribution
 from .frozen import PrefixGraphs
 from .graph import Graph, logit_weights
 from .graph_json import write_graph_json
-from .inputs import TargetSpec, decode_tokens, resolve_targets, tokenize_prompt
+from .inputs import TargetSpec, decode_tokens, describe_tokens, resolve_targets, tokenize_prompt
 from .prune import graph_scores, propagate, prune
-from .replacement import ReplacementModel
+from .replacement import EmbeddingConvention, ReplacementModel
 from .sources import SourceTable
 
 log = logging.getLogger(__name__)
@@ -115,18 +116,26 @@ def attribute(
     batch_size: int = 64,
     update_interval: int = 4,
     progress: bool = False,
+    add_bos: bool = True,
+    embedding: EmbeddingConvention = "token+position",
+    include_bos: bool | None = None,
 ) -> Graph:
     """The attribution graph of `prompt` through `model` with its MLPs replaced by `clt`.
 
     targets: token texts / ids or logit differences (see inputs.py); default: the salient
     logits. max_feature_nodes: how many active features get rows (None: all), chosen in order
     of estimated influence. The estimate is renewed after `update_interval` batches, or after
-    the rows grow by a quarter if that is more (which bounds the estimates' total cost)."""
+    the rows grow by a quarter if that is more (which bounds the estimates' total cost).
+    embedding: what an embedding node holds, "token+position" (ours) or "token"
+    (circuit-tracer's). include_bos: BOS positions get features (default: as the CLT was
+    trained, from `clt_info`; without features the error node there holds the MLP output)."""
     if batch_size < 1 or update_interval < 1:
         raise ValueError("batch_size and update_interval must be positive")
     started = time.perf_counter()
-    rm = ReplacementModel(model, clt, clt_info)
-    tokens = tokenize_prompt(prompt, tokenizer)
+    rm = ReplacementModel(model, clt, clt_info, include_bos=include_bos, embedding=embedding)
+    bos = model.cfg.bos_token_id if add_bos else None  # text prompts: BOS first, as in training
+    tokens = tokenize_prompt(prompt, tokenizer, bos_token_id=bos)
+    log.info("prompt: %s", describe_tokens(tokens, tokenizer))
     run = rm.run_prompt(tokens)
     logit_targets = resolve_targets(
         targets,
@@ -188,6 +197,8 @@ def attribute(
         "batch_size": batch_size,
         "max_feature_nodes": max_feature_nodes,
         "update_interval": update_interval,
+        "embedding": rm.embedding,
+        "include_bos": rm.include_bos,
         "dtype": str(rm.dtype).removeprefix("torch."),
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -204,16 +215,19 @@ def _pack(
     N = sources.n_features
     selected = visited.nonzero().squeeze(1)
     Nf = selected.numel()
-    to_node = torch.full((N,), -1, dtype=torch.long)
+    # A sentinel entry at N (never visited, never a node) keeps the lookups valid when no
+    # feature is active anywhere: the graph is then errors, embeddings and logits alone.
+    to_node = torch.full((N + 1,), -1, dtype=torch.long)
     to_node[selected] = torch.arange(Nf)
+    seen = torch.cat([visited, visited.new_zeros(1)])
     logit_offset = Nf + sources.n_cols - N
     r, c, v, nodes, _ = rows.arrays()
-    keep = (c >= N) | visited[c.clamp(max=N - 1)]
+    keep = (c >= N) | seen[c.clamp(max=N)]
     r, c, v = r[keep], c[keep].long(), v[keep]
-    source = torch.where(c < N, to_node[c.clamp(max=N - 1)], c - N + Nf)
+    source = torch.where(c < N, to_node[c.clamp(max=N)], c - N + Nf)
     nodes = nodes.long()
     row_target = torch.where(
-        nodes < N, to_node[nodes.clamp(max=N - 1)], nodes - sources.n_cols + logit_offset
+        nodes < N, to_node[nodes.clamp(max=N)], nodes - sources.n_cols + logit_offset
     )
     counts = torch.bincount(r, minlength=nodes.numel())
     starts = counts.cumsum(0) - counts
@@ -236,6 +250,8 @@ def _pack(
         edge_sources=source[order],
         edge_weights=v[order],
         n_active_features=N,
+        featureless_positions=run.featureless_positions(),
+        embedding=rm.embedding,
     )
 
 
@@ -280,7 +296,12 @@ class AttributeConfig(BaseModel):
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
         "float32", description="Model and CLT dtype."
     )
-    device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto.")
+    device: Device = Field("auto", description=DEVICE_HELP)
+    bos: bool = Field(
+        True,
+        description="Put the model's BOS token before a text prompt (unless it starts with it), as in training.",
+    )
+    overwrite: bool = Field(False, description="Replace a graph JSON already at --out.")
     attention: bool = Field(
         True, description="Head loadings of cross-position edges, head summary and QK attribution."
     )
@@ -292,6 +313,11 @@ class AttributeConfig(BaseModel):
         default_factory=list,
         description='More QK attributions, each for one attention edge "layer,head,query,key" (positions from 0, '
         'key <= query), e.g. "2,1,40,12".',
+    )
+    embedding: EmbeddingConvention = Field(
+        "token+position",
+        description="What an embedding node holds: token+position (the token embedding plus a learned position "
+        "embedding) or token (the token embedding alone, as circuit-tracer; the position embedding joins the biases).",
     )
     slug: str | None = Field(None, description="Graph slug (default: the output file's stem).")
     scan: str | None = Field(
@@ -323,8 +349,18 @@ class AttributeConfig(BaseModel):
         return edges
 
 
+def is_graph_json(path: Path) -> bool:
+    """Whether `path` holds a graph JSON (ours or another tool's): the only file --out replaces."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(doc, dict) and {"metadata", "nodes", "links"} <= doc.keys()
+
+
 def run_attribute(config: AttributeConfig) -> Path:
     """Load the model and CLT, compute, prune, attribute attention, write the graph JSON."""
+    claim_output_file(config.out, config.overwrite, is_graph_json)  # before any work
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     model, tokenizer = load_model(config.model, device=device)
     clt = load_clt(config.clt, device=device)
@@ -339,14 +375,15 @@ def run_attribute(config: AttributeConfig) -> Path:
                 f"{model.cfg.n_heads} heads)"
             )
     prompt = config.prompt if config.prompt is not None else config.prompt_ids
-    n_pos = tokenize_prompt(prompt, tokenizer).numel()
+    bos = model.cfg.bos_token_id if config.bos else None
+    n_pos = tokenize_prompt(prompt, tokenizer, bos_token_id=bos).numel()
     if any(query >= n_pos for _, _, query, _ in qk_at):
         raise ConfigError(f"qk_at: the prompt has {n_pos} tokens, positions 0 to {n_pos - 1}")
     graph = attribute(
         model=model, clt=clt, prompt=prompt, tokenizer=tokenizer, targets=config.targets, clt_info=clt_info,
         max_n_logits=config.max_n_logits, desired_logit_prob=config.desired_logit_prob,
-        max_feature_nodes=config.max_feature_nodes, batch_size=config.batch_size,
-        update_interval=config.update_interval, progress=True,
+        max_feature_nodes=config.max_feature_nodes, batch_size=config.batch_size, add_bos=config.bos,
+        update_interval=config.update_interval, progress=True, embedding=config.embedding,
     )  # fmt: skip
     pruned = prune(graph, config.node_threshold, config.edge_threshold)
     scores = {"full": graph_scores(graph), "pruned": graph_scores(graph, pruned.edge_mask)}

@@ -94,8 +94,9 @@ class FrozenGraph:
 
     patterns: "full" (the prompt's) or "diagonal" (each query attends to itself only, with the
     prompt's weight: gradients then never leave their position).
-    sources: "prompt" (embeddings of `tokens`, the prompt's MLP outputs) or "bias" (zero
-    embeddings, MLP outputs b_dec only: the forward values are then what no node explains).
+    sources: "prompt" (embeddings of `tokens`, the prompt's MLP outputs) or "bias" (of the
+    embeddings only what no embedding node holds, MLP outputs b_dec only where features are:
+    the forward values are then what no node explains).
     """
 
     def __init__(
@@ -121,9 +122,8 @@ class FrozenGraph:
         fns = {}
 
         def embed(x: torch.Tensor) -> torch.Tensor:
-            self.embed_leaf = (
-                (x if sources == "prompt" else torch.zeros_like(x)).detach().requires_grad_()
-            )
+            rest = run.embedding_rest.to(x.dtype).expand_as(x)
+            self.embed_leaf = (x if sources == "prompt" else rest).detach().requires_grad_()
             return self.embed_leaf
 
         fns["hook_embed"] = embed
@@ -135,11 +135,8 @@ class FrozenGraph:
                 pattern = torch.diag_embed(pattern.diagonal(dim1=-2, dim2=-1))
             pattern = frozen_pattern(pattern[None])  # 1,H,T,S
             fns[f"blocks.{li}.attn.hook_pattern"] = lambda _x, v=pattern: v
-            out = (
-                run.mlp_out[li]
-                if sources == "prompt"
-                else rm.clt.b_dec[li].to(run.mlp_out).expand_as(run.mlp_out[li])
-            )
+            bias = rm.clt.b_dec[li].to(run.mlp_out) * run.feature_mask[:, None]  # T,M
+            out = run.mlp_out[li] if sources == "prompt" else bias
             out = out.detach()
 
             def mlp_out(_x: torch.Tensor, li=li, out=out) -> torch.Tensor:

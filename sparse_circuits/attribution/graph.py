@@ -3,7 +3,7 @@
 Nodes, in this order (index ranges):
     features    [0, Nf)                      selected active features (layer, pos, index)
     errors      [Nf, Nf + L*T)               error node of (layer, pos) at Nf + layer*T + pos
-    embeddings  [.., .. + T)                 token (+ position) embedding of each position
+    embeddings  [.., .. + T)                 each position's embedding (`embedding` says what it holds)
     logits      [.., .. + n_logits)          logit targets at the last position
 Edges are direct effects in the linear replacement model, target <- source, with weight
     (source's contribution vector) · ∂(target)/∂(where it enters)
@@ -80,6 +80,8 @@ class Graph(SourceColumns):
     edge_sources: torch.Tensor  # E  node index
     edge_weights: torch.Tensor  # E  float32
     n_active_features: int  # active on the prompt; those beyond the budget are not nodes
+    featureless_positions: list[int] = field(default_factory=list)  # BOS: the error holds the MLP
+    embedding: str = "token+position"  # what embedding nodes hold: "token+position" or "token"
     settings: dict = field(
         default_factory=dict
     )  # how it was computed (graph JSON's generation_settings)

@@ -6,6 +6,8 @@ Ours, beyond v1:
                             summing to the link's weight (largest |weight| first, zeros left out)
     attention               head summary, QK attributions (top-level key)
     metadata.scores         replacement / completeness scores of the full and the pruned graph
+    metadata.embedding_nodes   what an embedding node holds ({convention, description})
+    metadata.featureless_positions  positions without features (BOS, {positions, description})
 The schema the output is checked against lives beside this module (schema/graph-v1.json).
 """
 
@@ -23,6 +25,7 @@ from ..io import atomic_path
 from .attention import AttentionAttribution, QKAttribution
 from .graph import Graph, cantor
 from .prune import GraphScores, PruneResult
+from .replacement import EMBEDDING_CONVENTIONS
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph-v1.json"
 GENERATOR = {"name": "sparse-circuits", "version": __version__, "url": ""}
@@ -162,6 +165,15 @@ def graph_json(
         "n_active_features": graph.n_active_features,
         "n_feature_nodes": graph.n_features,
         "n_edges": graph.n_edges,
+        "embedding_nodes": {
+            "convention": graph.embedding,
+            "description": EMBEDDING_CONVENTIONS.get(graph.embedding, graph.embedding),
+        },
+        "featureless_positions": {
+            "positions": list(graph.featureless_positions),
+            "description": "BOS positions hold no features (the CLT was trained without BOS rows); "
+            "the error node there carries the whole MLP output",
+        },
     }
     if scores:
         metadata["scores"] = {k: {"replacement": _round(v.replacement), "completeness": _round(v.completeness)}

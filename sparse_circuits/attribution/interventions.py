@@ -51,6 +51,10 @@ def _check(
             )
         if (iv.value is None) == (iv.scale is None):
             raise ValueError(f"intervention {iv} needs exactly one of value and scale")
+        if not bool(run.feature_mask[iv.pos]):
+            raise ValueError(
+                f"position {iv.pos} holds no features (BOS; its error node holds the MLP output)"
+            )
 
 
 @torch.no_grad()
@@ -94,13 +98,13 @@ def intervene(
     for li in range(L):
 
         def mlp_in(x: torch.Tensor, li=li) -> None:
-            pre_acts[:, li] = x[0].to(clt.W_enc.dtype) @ clt.W_enc[li].T + clt.b_enc[li]  # T,F
+            pre_acts[:, li] = clt.encode_layer(x[0].to(clt.W_enc.dtype), li)  # T,F
 
         def mlp_out(_x: torch.Tensor, li=li) -> torch.Tensor:
             a = (
                 run.features[:, li]
                 if freeze_features
-                else rm.activate_layer(pre_acts[:, li], li, pre_acts)
+                else rm.activate_layer(pre_acts[:, li], li, pre_acts, run.feature_mask)
             )
             a = a.clone()
             for iv in by_layer.get(li, []):
@@ -110,7 +114,8 @@ def intervene(
                     else iv.scale * run.features[iv.pos, li, iv.feature]
                 )
             features[:, li] = a
-            out = rm.decoder_output(features, li).to(run.errors.dtype) + run.errors[li]
+            decoded = rm.decoder_output(features, li, run.feature_mask)
+            out = decoded.to(run.errors.dtype) + run.errors[li]
             return (out + mlp_adds.get(f"blocks.{li}.hook_mlp_out", 0))[None]
 
         fns[f"blocks.{li}.hook_mlp_in"] = mlp_in

@@ -1,7 +1,7 @@
 """The source nodes of attribution rows and their values from one backward pass.
 
 Shape letters: B rows, T positions, L layers, M d_model, N active features, K output layers
-of one source layer's decoder, P most active features of one layer at one position.
+of one source layer's decoder, n active features of one layer.
 
 Columns, in this order: every active feature (sorted by layer, position, index), every error
 node (layer-major: l * T + pos), every embedding (pos). A source's value in a row is its
@@ -9,6 +9,8 @@ contribution vector dotted with the row's gradient where the vector enters:
     feature (i, p, f): Σ_{k≥i} a · W_dec[i][f, k-i] · ∂target/∂mlp_out_k[p]
     error (k, p):      error_k[p] · ∂target/∂mlp_out_k[p]
     embedding p:       embedding[p] · ∂target/∂embed[p]
+Contribution vectors are stored ragged, one per active feature (as circuit-tracer does): a
+position with many active features (BOS-like outliers, wide CLTs) costs its own features only.
 """
 
 from __future__ import annotations
@@ -21,22 +23,25 @@ from .frozen import LeafGrads
 from .graph import SourceColumns
 from .replacement import PromptRun, ReplacementModel
 
+# Gradient entries gathered at once per block of feature columns (bounds the B x n x K*M
+# gather in `row_values`).
+GATHER_ELEMENTS = 1 << 24
+
 
 class _LayerBlock(NamedTuple):
-    """Active features of one source layer, laid out by position for one batched matmul."""
+    """Active features of one source layer, sorted by position."""
 
     layer: int
     n_out: int  # K
     cols: torch.Tensor  # n  column index of each feature
-    pos: torch.Tensor  # n
-    slot: torch.Tensor  # n  rank among this layer's features at the same position
-    vectors: torch.Tensor  # T,P,K*M  contribution vectors (zero in unused slots)
+    pos: torch.Tensor  # n  (ascending)
+    vectors: torch.Tensor  # n,K*M  contribution vectors a · W_dec[i][f] (flattened)
 
 
 class SourceTable(SourceColumns):
     @torch.no_grad()
     def __init__(self, rm: ReplacementModel, run: PromptRun):
-        L, T, M = rm.cfg.n_layers, run.n_pos, rm.cfg.d_model
+        L, T = rm.cfg.n_layers, run.n_pos
         dtype = run.mlp_out.dtype
         self.n_layers, self.n_pos = L, T
         self.features = run.active_features()  # N,3 (layer, pos, index)
@@ -53,18 +58,11 @@ class SourceTable(SourceColumns):
             cols = (layer == i).nonzero().squeeze(1)
             if cols.numel() == 0:
                 continue
-            p = pos[cols]
-            first = torch.searchsorted(p, p)  # cols are sorted by position within a layer
-            slot = torch.arange(cols.numel(), device=dev) - first
             W = rm.clt.W_dec[i]  # F,K,M
-            K = W.shape[1]
-            vectors = torch.zeros(T, int(slot.max()) + 1, K * M, dtype=dtype, device=W.device)
-            vectors[p, slot] = (
-                (self.activations[cols, None, None] * W[index[cols]]).flatten(1).to(dtype)
-            )
+            vectors = (self.activations[cols, None, None] * W[index[cols]]).flatten(1).to(dtype)
             self.col_block[cols] = len(self.blocks)
             self.col_local[cols] = torch.arange(cols.numel(), device=dev)
-            self.blocks.append(_LayerBlock(i, K, cols, p, slot, vectors))
+            self.blocks.append(_LayerBlock(i, W.shape[1], cols, pos[cols], vectors))
 
     @property
     def n_cols(self) -> int:
@@ -79,12 +77,13 @@ class SourceTable(SourceColumns):
         T = self.n_pos
         out = G.new_zeros(B, self.n_cols)
         for blk in self.blocks:
-            Gi = (
-                G[:, :, blk.layer : blk.layer + blk.n_out].reshape(B, Tp, -1).transpose(0, 1)
-            )  # T',B,K*M
-            vals = torch.bmm(Gi, blk.vectors[:Tp].transpose(1, 2))  # T',B,P
-            inside = blk.pos < Tp
-            out[:, blk.cols[inside]] = vals[blk.pos[inside], :, blk.slot[inside]].T
+            n_in = int(torch.searchsorted(blk.pos, Tp))  # features inside the prefix
+            Gi = G[:, :, blk.layer : blk.layer + blk.n_out].flatten(2)  # B,T',K*M
+            chunk = max(1, GATHER_ELEMENTS // max(1, B * Gi.shape[2]))
+            for s in range(0, n_in, chunk):
+                e = min(n_in, s + chunk)
+                g = Gi[:, blk.pos[s:e]]  # B,c,K*M
+                out[:, blk.cols[s:e]] = torch.einsum("bcm,cm->bc", g, blk.vectors[s:e])
         errors = (G * self.errors[:, :Tp].transpose(0, 1)).sum(-1)  # B,T',L
         out[:, self.error_offset : self.embed_offset].view(B, L, T)[:, :, :Tp] = errors.transpose(
             1, 2
@@ -99,18 +98,15 @@ class SourceTable(SourceColumns):
         G, E = grads.mlp_out, grads.embed
         out = G.new_zeros(rows.shape[0])
         is_feat = cols < self.n_features
-        for b, blk in enumerate(self.blocks):
-            sel = (
-                (is_feat & (self.col_block[cols.clamp(max=self.n_features - 1)] == b))
-                .nonzero()
-                .squeeze(1)
-            )
-            if sel.numel() == 0:
-                continue
-            local = self.col_local[cols[sel]]
-            p, slot = blk.pos[local], blk.slot[local]
-            g = G[rows[sel], p, blk.layer : blk.layer + blk.n_out].flatten(1)  # n,K*M
-            out[sel] = (g * blk.vectors[p, slot]).sum(-1)
+        if self.n_features:
+            block_of = torch.where(is_feat, self.col_block[cols.clamp(max=self.n_features - 1)], -1)
+            for b, blk in enumerate(self.blocks):
+                sel = (block_of == b).nonzero().squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                local = self.col_local[cols[sel]]
+                g = G[rows[sel], blk.pos[local], blk.layer : blk.layer + blk.n_out].flatten(1)
+                out[sel] = (g * blk.vectors[local]).sum(-1)  # n,K*M -> n
         sel = ((cols >= self.error_offset) & (cols < self.embed_offset)).nonzero().squeeze(1)
         layer, p = (
             (cols[sel] - self.error_offset).div(self.n_pos, rounding_mode="floor"),

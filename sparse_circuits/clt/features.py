@@ -47,7 +47,7 @@ from ..sparse_attention.model import LayerNorm, Transformer
 from .evaluate import TokenSource, load_pair, load_tokens
 from .harvest import bos_mask
 from .model import CrossLayerTranscoder
-from .splice import FEATURE_INPUT_HOOK, activate_layer, encode_layer
+from .splice import FEATURE_INPUT_HOOK
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def accumulate(
                 pass
         for layer in range(L):
             x = acts[names[layer]].to(clt.W_enc.dtype)  # B,T,M
-            a = activate_layer(clt, encode_layer(clt, x, layer), layer) * keep[..., None]  # B,T,F
+            a = clt.activate_layer(clt.encode_layer(x, layer), layer) * keep[..., None]  # B,T,F
             acc.add(layer, a.float(), tok, j)
         acc.rows += int(keep.sum())
     return acc

@@ -240,14 +240,19 @@ class CrossLayerTranscoder(nn.Module):
         return torch.einsum("blm,lfm->blf", inputs, self.W_enc) + self.b_enc
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Activations of every layer: B,L,F -> B,L,F (BatchTopK selects over the batch)."""
+        if self.cfg.activation == "batchtopk":
+            return batchtopk_activation(pre, self.cfg.k, self.cfg.batchtopk_scope)
+        return self._per_token(pre, self.threshold)
+
+    def _per_token(self, pre: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+        """relu, jumprelu (θ broadcast against `pre`) or topk over the last dimension."""
         cfg = self.cfg
         if cfg.activation == "relu":
             return pre.relu()
         if cfg.activation == "jumprelu":
-            return jumprelu(pre, self.threshold, cfg.bandwidth)
-        if cfg.activation == "topk":
-            return topk_activation(pre, cfg.k)
-        return batchtopk_activation(pre, cfg.k, cfg.batchtopk_scope)
+            return jumprelu(pre, threshold, cfg.bandwidth)
+        return topk_activation(pre, cfg.k)
 
     def decode(self, features: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """y_k = Σ_{i≤k} a_i · W_dec[i][:, k-i, :] (+ b_dec[k]): B,L,F -> B,L,M."""
@@ -261,6 +266,41 @@ class CrossLayerTranscoder(nn.Module):
                 parts[i + j].append(y_ij)
         y = torch.stack([sum(p[1:], p[0]) for p in parts], dim=1)  # B,L,M
         return y + self.b_dec if bias else y
+
+    # ------------------------------------------------------------------ one layer at a time
+    # For callers that run the CLT inside a model's forward pass (the splice, attribution,
+    # feature statistics): the same weights and activation as the batched stages above.
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Pre-activations of one layer: ...,M -> ...,F."""
+        return x @ self.W_enc[layer].T + self.b_enc[layer]
+
+    def activate_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
+        """The activation on one layer's pre-activations (...,F). BatchTopK depends on the
+        whole batch of every layer and has no per-layer form: convert it with `to_jumprelu`."""
+        if self.cfg.activation != "batchtopk":
+            threshold = self.threshold
+            return self._per_token(pre, None if threshold is None else threshold[layer])
+        raise ValueError(
+            "a batchtopk CLT depends on the whole batch and cannot be applied layer by layer; "
+            "convert it with CrossLayerTranscoder.to_jumprelu(inputs) first"
+        )
+
+    def decode_layer(
+        self, features: torch.Tensor | list[torch.Tensor], layer: int, bias: bool = True
+    ) -> torch.Tensor:
+        """Output at `layer` from the features of layers 0..layer: features[i] (...,F) for
+        i ≤ layer, a list or a ...,L,F tensor's layers (`features[..., i, :]`): ...,M."""
+        parts = features if isinstance(features, list) else features.unbind(-2)
+        y = None
+        for i in range(layer + 1):
+            offset, W = layer - i, self.W_dec[i]  # W: F,K_i,M
+            if offset < W.shape[1]:  # a per-layer transcoder has no decoder to later layers
+                term = parts[i] @ W[:, offset]
+                y = term if y is None else y + term
+        if y is None:
+            y = parts[0].new_zeros(*parts[0].shape[:-1], self.cfg.d_model)
+        return y + self.b_dec[layer] if bias else y
 
     def decoder_norms(self) -> torch.Tensor:
         """||W_dec row|| of every feature, its decoders to all layers concatenated: L,F."""

@@ -71,42 +71,6 @@ def warn_if_other_model(model: Transformer, clt_info: dict | None) -> bool:
     return False
 
 
-# ----------------------------------------------------------------------------- one layer of a CLT
-
-
-def encode_layer(clt: CrossLayerTranscoder, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """Pre-activations of one layer: ...,M -> ...,F."""
-    return x @ clt.W_enc[layer].T + clt.b_enc[layer]
-
-
-def activate_layer(clt: CrossLayerTranscoder, pre: torch.Tensor, layer: int) -> torch.Tensor:
-    """The CLT's activation on one layer's pre-activations (...,F)."""
-    kind = clt.cfg.activation
-    if kind == "relu":
-        return pre.relu()
-    if kind == "jumprelu":
-        return pre * (pre > clt.threshold[layer])
-    if kind == "topk":
-        values, indices = pre.topk(clt.cfg.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, indices, values.relu())
-    raise ValueError(
-        "a batchtopk CLT depends on the whole batch and cannot be applied layer by layer; "
-        "convert it with CrossLayerTranscoder.to_jumprelu(inputs) first"
-    )
-
-
-def decode_layer(
-    clt: CrossLayerTranscoder, features: list[torch.Tensor], layer: int
-) -> torch.Tensor:
-    """Output at `layer` from the features of layers 0..layer (each ...,F): ...,M."""
-    y = clt.b_dec[layer]
-    for i in range(layer + 1):
-        offset, W = layer - i, clt.W_dec[i]  # W: F,K_i,M
-        if offset < W.shape[1]:  # a per-layer transcoder has no decoder to later layers
-            y = y + features[i] @ W[:, offset]
-    return y
-
-
 class CLTSplice:
     """The CLT as a `Replacement`: remembers this forward pass's features layer by layer."""
 
@@ -119,9 +83,9 @@ class CLTSplice:
             self.features = []
         if layer != len(self.features):
             raise RuntimeError(f"layer {layer} reached before layer {len(self.features)}")
-        x = mlp_in.to(self.clt.W_enc.dtype)
-        self.features.append(activate_layer(self.clt, encode_layer(self.clt, x, layer), layer))
-        return decode_layer(self.clt, self.features, layer)
+        clt, x = self.clt, mlp_in.to(self.clt.W_enc.dtype)
+        self.features.append(clt.activate_layer(clt.encode_layer(x, layer), layer))
+        return clt.decode_layer(self.features, layer)
 
 
 def true_mlp(model: Transformer) -> Replacement:
