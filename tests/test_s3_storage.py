@@ -1,0 +1,130 @@
+"""Artifacts on S3 (the loopback moto server of conftest.py), written whole or not at all.
+
+Directories (models, CLTs) go up with their manifest last; an upload killed part-way leaves a
+prefix that reads as absent; a replacement never reads as a mix of two versions. Activation
+stores are zarr on S3 end to end: harvested there, and a CLT trained from there with only the
+environment's S3 settings (what a Ray node or a worker on another machine has) equals one
+trained from the same store on disk.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparse_circuits import storage
+from sparse_circuits.clt.harvest import HarvestConfig, harvest
+from sparse_circuits.clt.train import TrainCLTConfig, train_clt
+from sparse_circuits.storage import MANIFEST, StorageError
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _artifact(root, version: int):
+    (root / "sub").mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"version": version}))
+    (root / "sub" / "weights.bin").write_bytes(np.arange(1000 * version, dtype=np.int32).tobytes())
+    if version == 1:
+        (root / "only_in_v1.txt").write_text("old")
+    return root
+
+
+def test_directory_round_trip_manifest_last(tmp_path, s3_bucket):
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/clts/c1"
+    src = _artifact(tmp_path / "v1", 1)
+    assert not storage.dir_complete(url, options)
+    manifest = storage.put_dir(src, url, options)
+    assert set(manifest["files"]) == {"config.json", "sub/weights.bin", "only_in_v1.txt"}
+    assert storage.dir_complete(url, options)
+    got = storage.get_artifact(url, tmp_path / "down", options)
+    assert _tree(got) == _tree(src)
+
+    # replaced by v2: files v2 lacks are gone, the rest are v2's
+    storage.put_dir(_artifact(tmp_path / "v2", 2), url, options)
+    assert _tree(storage.get_dir(url, tmp_path / "down", options)) == _tree(tmp_path / "v2")
+    fs, root = storage.filesystem(url, options)
+    assert not fs.exists(f"{root}/only_in_v1.txt")
+
+
+def test_upload_killed_part_way_reads_as_absent(tmp_path, s3_bucket, monkeypatch):
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/models/m"
+    storage.put_dir(_artifact(tmp_path / "v1", 1), url, options)
+    fs, _ = storage.filesystem(url, options)
+    real_put, calls = fs.put_file, []  # fsspec caches the instance: put_dir gets this one
+
+    def dies_after_one(lpath, rpath, *a, **kw):  # the process "dies" at the second file
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(rpath)
+        return real_put(lpath, rpath, *a, **kw)
+
+    monkeypatch.setattr(fs, "put_file", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        storage.put_dir(_artifact(tmp_path / "v2", 2), url, options)
+    monkeypatch.undo()
+    # one v2 file is up and the v1 manifest is gone: neither version is readable
+    assert storage.read_manifest(url, options) is None
+    assert not storage.dir_complete(url, options)
+    with pytest.raises(StorageError, match="no complete artifact"):
+        storage.get_dir(url, tmp_path / "down", options)
+    # a torn object under a manifest is caught too
+    storage.put_dir(_artifact(tmp_path / "v3", 2), url, options)
+    fs.pipe_file(f"{bucket}/models/m/sub/weights.bin", b"torn")
+    assert not storage.dir_complete(url, options)
+    with pytest.raises(StorageError, match="does not match"):
+        storage.get_dir(url, tmp_path / "down2", options)
+    assert not (tmp_path / "down2").exists()
+
+
+def test_single_file_is_one_put(tmp_path, s3_bucket):
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/graphs/g.json"
+    (tmp_path / "g.json").write_text('{"nodes": []}')
+    storage.put_artifact(tmp_path / "g.json", url, options)
+    assert storage.read_bytes(url, options) == b'{"nodes": []}'
+    assert storage.get_artifact(url, tmp_path / "back.json", options).read_text() == '{"nodes": []}'
+    assert MANIFEST not in storage.filesystem(f"s3://{bucket}/graphs", options)[0].ls(
+        f"{bucket}/graphs"
+    )
+
+
+def test_clt_trained_from_s3_store_with_environment_settings(
+    tmp_path, s3_bucket, tiny_model_dir, token_file, monkeypatch
+):
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/activations/a.zarr"
+    harvest_cfg = dict(
+        model=tiny_model_dir, tokens_file=token_file, tokens=256, batch_size=8,
+        shard_rows=256, shuffle_shards=1, device="cpu",
+    )  # fmt: skip
+    creds = {"key": options["key"], "secret": options["secret"]}
+    harvest(
+        HarvestConfig(
+            out=url, endpoint_url=options["endpoint_url"], storage_options=creds, **harvest_cfg
+        )
+    )
+    harvest(HarvestConfig(out=str(tmp_path / "a.zarr"), **harvest_cfg))
+    # What a Ray node or remote worker has: S3 settings in its environment, none in the config.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", options["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", options["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options["secret"])
+    train = dict(d_features=32, batch_size=64, steps=6, lr_warmup_steps=1, device="cpu")
+    remote = train_clt(TrainCLTConfig(activations=url, out=tmp_path / "c_s3", **train))
+    local = train_clt(
+        TrainCLTConfig(activations=str(tmp_path / "a.zarr"), out=tmp_path / "c", **train)
+    )
+    for f in sorted(local.glob("W_*.safetensors")):
+        want, got = load_file(f), load_file(remote / f.name)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    # and the CLT goes up whole, for a machine with no shared disk
+    storage.put_dir(remote, f"s3://{bucket}/clts/c", options)
+    assert storage.dir_complete(f"s3://{bucket}/clts/c", options)
