@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -95,3 +97,204 @@ def s3_bucket(s3_endpoint, request):
         aws_access_key_id=S3_CREDENTIALS["key"], aws_secret_access_key=S3_CREDENTIALS["secret"],
     ).create_bucket(Bucket=name)  # fmt: skip
     return name, {**S3_CREDENTIALS, "endpoint_url": s3_endpoint}
+
+
+# ----------------------------------------------------------------------------- databases
+
+
+def _postgres_bin(name: str) -> str | None:
+    import glob  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def _as_postgres_user() -> list[str]:
+    """How to run the server's binaries: initdb refuses root, so root runs them as `postgres`."""
+    import os  # noqa: PLC0415
+    import pwd  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    if os.geteuid() != 0:
+        return []
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True)
+    return ["runuser", "-u", "postgres", "--"]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback for the session (initdb + pg_ctl in a temp dir, a
+    free port, its socket in the temp dir); skipped only where the binaries are absent."""
+    import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL's binaries (initdb, pg_ctl) are not installed")
+    root = tempfile.mkdtemp(prefix="sc-pg-")  # not under pytest's 0700 root-owned tmp
+    data, sock = os.path.join(root, "data"), os.path.join(root, "sock")
+    os.mkdir(sock)
+    runas = _as_postgres_user()
+    if runas:
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+    run = lambda *argv: subprocess.run([*runas, *argv], check=True, capture_output=True)  # noqa: E731
+    run(initdb, "-D", data, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+    port = _free_port()
+    opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    run(pg_ctl, "-D", data, "-o", opts, "-l", os.path.join(root, "log.txt"), "-w", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*runas, pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """An empty database of its own for one test: a SQLite file, or a fresh database on the
+    session's PostgreSQL server (dropped after the test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    import psycopg  # noqa: PLC0415
+
+    server = request.getfixturevalue("postgres_server")
+    name = "t_" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    name += f"_{abs(hash(request.node.nodeid)) % 10**8}"
+    admin = server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{server}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def migrated_url(database_url):
+    """`database_url` migrated to the newest schema."""
+    from sparse_circuits.jobs.db import migrate  # noqa: PLC0415
+
+    migrate(database_url)
+    return database_url
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+class Api(NamedTuple):
+    """A test's own service: a TestClient on the app (lifespan run), its data dir, a write key."""
+
+    client: Any
+    app: Any
+    data_dir: Path
+    database_url: str
+    secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.secret}
+
+    def session(self):
+        return self.app.state.sessionmaker()
+
+
+def make_api(database_url: str, data_dir: Path, **settings) -> Api:
+    from fastapi.testclient import TestClient  # noqa: PLC0415
+
+    from sparse_circuits.server.app import create_app  # noqa: PLC0415
+    from sparse_circuits.server.keys import create_key  # noqa: PLC0415
+    from sparse_circuits.server.settings import ServerSettings  # noqa: PLC0415
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(ServerSettings(data_dir=data_dir, database_url=database_url, **settings))
+    with app.state.sessionmaker() as session:
+        _key, secret = create_key(session, name="test")
+    return Api(TestClient(app), app, data_dir, database_url, secret)
+
+
+@pytest.fixture
+def api(migrated_url, tmp_path):
+    """The API on a database of its own (SQLite and PostgreSQL) and an empty data dir."""
+    made = make_api(migrated_url, tmp_path / "data")
+    with made.client:
+        yield made
+
+
+@pytest.fixture
+def api_factory(migrated_url, tmp_path):
+    """`api` with settings of the test's choosing: `api_factory(read_requires_key=True)`."""
+    made = []
+
+    def factory(**settings) -> Api:
+        made.append(make_api(migrated_url, tmp_path / f"data{len(made)}", **settings))
+        made[-1].client.__enter__()
+        return made[-1]
+
+    yield factory
+    for a in made:
+        a.client.__exit__(None, None, None)
+
+
+def service_state(api: Api) -> dict:
+    """Every row of every table and every file under the data dir (path, size, mtime): equal
+    before and after a request that must write nothing."""
+    from sqlalchemy import select  # noqa: PLC0415
+
+    from sparse_circuits.jobs.db import Base  # noqa: PLC0415
+
+    rows = {}
+    with api.session() as session:
+        for table in Base.metadata.sorted_tables:
+            found = session.execute(select(table)).mappings().all()
+            rows[table.name] = sorted(repr(sorted(dict(r).items())) for r in found)
+    files = sorted(
+        (p.relative_to(api.data_dir).as_posix(), p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in api.data_dir.rglob("*")
+    )
+    return {"rows": rows, "files": files}
+
+
+@pytest.fixture
+def snapshot():
+    """`snapshot(api)`: the service's state (`service_state`), to compare before and after."""
+    return service_state
+
+
+class LiveServer(NamedTuple):
+    url: str
+    api: Api
+
+
+@pytest.fixture
+def live_server(api):
+    """`api`'s app under uvicorn on loopback (for streams and the client), in a thread."""
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import uvicorn  # noqa: PLC0415
+
+    port = _free_port()
+    config = uvicorn.Config(
+        api.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", api)
+    finally:
+        server.should_exit = True
+        thread.join(10)
