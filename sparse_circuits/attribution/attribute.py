@@ -37,6 +37,7 @@ from .attention import attention_attribution
 from .frozen import PrefixGraphs
 from .graph import Graph, logit_weights
 from .graph_json import write_graph_json
+from .graph_store import LOADINGS_NODE_THRESHOLD, for_pruning, loading_envelope, save_graph
 from .inputs import TargetSpec, decode_tokens, describe_tokens, resolve_targets, tokenize_prompt
 from .prune import graph_scores, propagate, prune
 from .replacement import EmbeddingConvention, ReplacementModel
@@ -270,7 +271,19 @@ class AttributeConfig(BaseModel):
     prompt_ids: list[int] | None = Field(
         None, description="The prompt as token ids, instead of text."
     )
-    out: Path = Field(description="Graph JSON file to write.")
+    out: Path | None = Field(
+        None, description="Graph JSON file to write (the pruning at node/edge_threshold)."
+    )
+    store_dir: Path | None = Field(
+        None,
+        description="Also write the compact graph store to this directory (graph_store.py: every edge, head "
+        "loadings, QK attributions), from which the graph JSON of any pruning is built.",
+    )
+    loadings_node_threshold: float = Field(
+        LOADINGS_NODE_THRESHOLD, ge=0, le=1,
+        description="With store_dir: head loadings are stored for the cross-position links of every pruning at a "
+        "node_threshold up to this (or up to node_threshold, if higher).",
+    )  # fmt: skip
     targets: list[str] | None = Field(
         None,
         description='Logit targets: token texts (JSON-quote to keep spaces: \'" 5"\') or differences (\'" 5" - " 6"\'). '
@@ -328,6 +341,8 @@ class AttributeConfig(BaseModel):
     def _one_prompt(self) -> AttributeConfig:
         if (self.prompt is None) == (self.prompt_ids is None):
             raise ValueError("give exactly one of prompt and prompt_ids")
+        if self.out is None and self.store_dir is None:
+            raise ValueError("give out (a graph JSON file), store_dir (a graph store), or both")
         self.qk_edges_at()  # malformed edges fail here, before any work
         return self
 
@@ -360,7 +375,8 @@ def is_graph_json(path: Path) -> bool:
 
 def run_attribute(config: AttributeConfig) -> Path:
     """Load the model and CLT, compute, prune, attribute attention, write the graph JSON."""
-    claim_output_file(config.out, config.overwrite, is_graph_json)  # before any work
+    if config.out is not None:
+        claim_output_file(config.out, config.overwrite, is_graph_json)  # before any work
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     model, tokenizer = load_model(config.model, device=device)
     clt = load_clt(config.clt, device=device)
@@ -402,7 +418,10 @@ def run_attribute(config: AttributeConfig) -> Path:
             batch_size=config.batch_size,
             qk_edges=qk,
             qk_at=qk_at,
-        )
+            loading_edges=None if config.store_dir is None else loading_envelope(
+                graph, pruned.node_influence, max(config.node_threshold, config.loadings_node_threshold)
+            ),
+        )  # fmt: skip
     log.info(
         "%d feature nodes, %d edges; pruned to %d nodes, %d edges; replacement %.3f, completeness %.3f",
         graph.n_features, graph.n_edges, int(pruned.node_mask.sum()), int(pruned.edge_mask.sum()),
@@ -412,9 +431,19 @@ def run_attribute(config: AttributeConfig) -> Path:
         s = attention.summary
         log.info("%d of %d heads carry %.0f %% of the attention-mediated attribution; %d QK attributions",
                  s.n_heads, s.total_heads, 100 * s.coverage, len(attention.qk))  # fmt: skip
-    write_graph_json(
-        config.out, graph, pruned, scores=scores, attention=attention,
-        slug=config.slug or Path(config.out).stem, scan=config.scan or Path(config.model).name,
-        node_threshold=config.node_threshold, edge_threshold=config.edge_threshold,
-    )  # fmt: skip
-    return Path(config.out)
+    slug = config.slug or Path(config.out or config.store_dir).stem
+    scan = config.scan or Path(config.model).name
+    if config.store_dir is not None:
+        save_graph(
+            config.store_dir, graph, attention, pruned=pruned, slug=slug, scan=scan,
+            node_threshold=config.node_threshold, edge_threshold=config.edge_threshold,
+            loadings_node_threshold=max(config.node_threshold, config.loadings_node_threshold),
+            n_heads=model.cfg.n_heads, run={"stage": "attribute", "config": config.model_dump(mode="json")},
+        )  # fmt: skip
+        attention = attention and for_pruning(attention, graph, pruned)
+    if config.out is not None:
+        write_graph_json(
+            config.out, graph, pruned, scores=scores, attention=attention, slug=slug, scan=scan,
+            node_threshold=config.node_threshold, edge_threshold=config.edge_threshold,
+        )  # fmt: skip
+    return Path(config.store_dir if config.store_dir is not None else config.out)

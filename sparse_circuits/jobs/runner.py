@@ -1,0 +1,225 @@
+"""What runs inside a job's own process, whichever backend started it.
+
+The worker writes `<data_dir>/jobs/<id>/spec.json` (kind, config, attempt) and has a backend
+start `run_job_dir(data_dir, job_id)` (locally: a spawned child process; on Ray:
+`python -m sparse_circuits.jobs.runner DATA_DIR JOB_ID` as the Ray job's entrypoint). The
+runner works in the data dir (job paths are relative to it), logs to `log.txt`, installs a
+progress sink that writes `progress.json` atomically and stops the stage at its next step once
+a `cancel` file appears or SIGTERM/SIGINT arrives, and ends by writing `outcome.json`. An
+exclusive lock on the job dir and a record per attempt in `attempts.jsonl` make "never twice
+at once" checkable; a runner whose parent dies ends at once (it must not outlive its lease).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..io import write_json
+from ..progress import JobCancelled, ProgressSink, install_sink
+from .artifacts import ArtifactError, relative_path
+from .specs import validate_job
+
+log = logging.getLogger(__name__)
+
+JOBS_DIR = "jobs"
+SPEC_FILE, PROGRESS_FILE, OUTCOME_FILE = "spec.json", "progress.json", "outcome.json"
+CANCEL_FILE, LOG_FILE, OUTPUT_FILE = "cancel", "log.txt", "output.txt"
+ATTEMPTS_FILE, LOCK_FILE = "attempts.jsonl", "lock"
+LOCK_WAIT_S = 30.0  # a runner of the same job from a dead worker is dying: wait for it
+PR_SET_PDEATHSIG = 1
+
+
+def job_dir(data_dir: str | Path, job_id: str) -> Path:
+    return Path(data_dir).resolve() / JOBS_DIR / job_id
+
+
+def prepare_job_dir(
+    data_dir: str | Path, job_id: str, kind: str, config: dict[str, Any], attempt: int
+) -> Path:
+    """Write the spec of this attempt and clear what an earlier attempt left to act on."""
+    path = job_dir(data_dir, job_id)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in (OUTCOME_FILE, CANCEL_FILE, PROGRESS_FILE):
+        (path / stale).unlink(missing_ok=True)
+    write_json(path / SPEC_FILE, {"kind": kind, "config": config, "attempt": attempt})
+    return path
+
+
+def request_stop(path: Path, reason: str) -> None:
+    """Ask the job's runner to stop at the stage's next step (`reason`: cancel or shutdown)."""
+    write_json(path / CANCEL_FILE, {"reason": reason})
+
+
+def read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- the child
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT or by the cancel file; the progress sink checks it."""
+
+    def __init__(self, path: Path):
+        self.path, self.signalled = path, False
+
+    def __call__(self) -> bool:
+        return self.signalled or (self.path / CANCEL_FILE).exists()
+
+    def on_signal(self, signum, _frame) -> None:
+        log.info("signal %d: stopping at the next step", signum)
+        self.signalled = True
+
+
+def run_job_dir(data_dir: str, job_id: str) -> int:
+    """Run the job whose spec is in its job dir; always writes outcome.json; returns 0."""
+    path = job_dir(data_dir, job_id)
+    _die_with_parent()
+    os.chdir(Path(data_dir).resolve())
+    _redirect_output(path / OUTPUT_FILE)
+    handler = _log_to(path / LOG_FILE)
+    try:
+        with _exclusive(path / LOCK_FILE):
+            spec = json.loads((path / SPEC_FILE).read_text())
+            _record_attempt(path, spec["attempt"])
+            outcome = _run(path, Path(data_dir), spec)
+            write_json(path / OUTCOME_FILE, {"attempt": spec["attempt"], **outcome})
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    return 0
+
+
+def _run(path: Path, data_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    from ..stages import STAGES  # noqa: PLC0415  (the stage's module only in its own process)
+
+    stop = _Stop(path)
+    signal.signal(signal.SIGTERM, stop.on_signal)
+    signal.signal(signal.SIGINT, stop.on_signal)
+    install_sink(ProgressSink(report=_progress_writer(path), cancelled=stop, interval=0.5))
+    kind = spec["kind"]
+    log.info("job %s attempt %d: %s", path.name, spec["attempt"], kind)
+    try:
+        config = validate_job(kind, spec["config"], data_dir)
+        result = STAGES[kind].run_function()(config)
+    except JobCancelled:
+        log.info("stopped at a step boundary; what the stage checkpointed is kept")
+        return {"state": "cancelled", "error": None, "result": None}
+    except Exception as e:
+        log.exception("the stage failed")
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+        return {"state": "failed", "error": detail, "result": None}
+    finally:
+        install_sink(None)
+    log.info("done: %s", result)
+    return {"state": "succeeded", "error": None, "result": _result_path(data_dir, result)}
+
+
+def _result_path(data_dir: Path, result: Any) -> str | None:
+    if result is None:
+        return None
+    try:
+        return relative_path(data_dir, str(result))
+    except ArtifactError:
+        return str(result)
+
+
+def _progress_writer(path: Path):
+    def report(step: int, total: int | None, desc: str) -> None:
+        write_json(path / PROGRESS_FILE, {"step": step, "total": total, "desc": desc})
+
+    return report
+
+
+def _record_attempt(path: Path, attempt: int) -> None:
+    record = {"attempt": attempt, "pid": os.getpid(), "host": os.uname().nodename}
+    record["locked_at"] = time.time()
+    with open(path / ATTEMPTS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class _exclusive:
+    """An exclusive flock on `path`, waited for up to LOCK_WAIT_S."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    raise RuntimeError(f"another run of this job still holds {self.path}") from None
+                time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _die_with_parent() -> None:
+    """End this process when the worker that started it dies (even by SIGKILL): its lease
+    will expire and another worker will resume the job, which must not run twice at once."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:  # where prctl is missing
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _redirect_output(path: Path) -> None:
+    """Terminal output (progress bars) to a file in the job dir: kept, never parsed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sparse_circuits.jobs.runner DATA_DIR JOB_ID` (a Ray job's entrypoint)."""
+    data_dir, job_id = argv if argv is not None else sys.argv[1:3]
+    return run_job_dir(data_dir, job_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
