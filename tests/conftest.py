@@ -298,3 +298,76 @@ def live_server(api):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# ----------------------------------------------------------------------------- attribution graphs
+
+
+def firing_clt(model: Transformer, seed: int = 0, d_features: int = 24):
+    """A random JumpReLU CLT for `model` whose encoder biases are set from the model's own MLP
+    inputs, so that about 40 % of its features fire on a token (attribution has nodes)."""
+    import math  # noqa: PLC0415
+
+    from sparse_circuits.clt.model import CLTConfig, CrossLayerTranscoder  # noqa: PLC0415
+    from sparse_circuits.sparse_attention.hooks import capture  # noqa: PLC0415
+
+    cfg, L = model.cfg, model.cfg.n_layers
+    torch.manual_seed(seed + 100)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=L, d_model=cfg.d_model, d_features=d_features))
+    tokens = torch.randint(0, cfg.vocab_size, (8, cfg.context_length))
+    names = [f"blocks.{li}.hook_mlp_in" for li in range(L)]
+    with torch.no_grad(), capture(model, names) as got:
+        model(tokens)
+    inputs = torch.stack([got[n].flatten(0, 1) for n in names], dim=1)  # N,L,M
+    with torch.no_grad():
+        clt.W_enc.normal_(0, 1 / math.sqrt(cfg.d_model))
+        clt.log_threshold.copy_(torch.empty(L, d_features).uniform_(0.05, 0.5).log())
+        clt.init_from_batch(inputs, inputs, fire_rate=0.4)
+        for W in clt.W_dec:
+            W.normal_(0, 0.3)
+        clt.b_dec.normal_(0, 0.2)
+    return clt.eval()
+
+
+class GraphArtifacts(NamedTuple):
+    root: Path
+    model: Path  # root/models/addition-tiny: a sparsified model with the addition tokenizer
+    clt: Path  # root/clts/addition-tiny: a CLT of it whose features fire
+    tokens: Path  # root/data/addition.npy: sequences over its vocabulary, BOS first
+
+
+@pytest.fixture(scope="session")
+def graph_artifacts(tmp_path_factory) -> GraphArtifacts:
+    """A tiny sparsified model over the addition toy's vocabulary (with its tokenizer) and a
+    CLT whose features fire, laid out as in a data dir (models/, clts/), for graph tests."""
+    from sparse_circuits.clt.cltdir import save_clt  # noqa: PLC0415
+    from sparse_circuits.sparse_attention.toy import addition_tokenizer  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("graph-artifacts")
+    tok = addition_tokenizer()
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        family="gpt2", vocab_size=tok.get_vocab_size(), n_layers=2, d_model=16, n_heads=2,
+        d_mlp=32, context_length=12, bias=True, bos_token_id=tok.token_to_id("<bos>"),
+        gate=GateConfig(offset=0.0),
+    )  # fmt: skip
+    model = Transformer(cfg)
+    with torch.no_grad():  # weights large enough for peaked patterns and closed gates
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.mul_(15.0)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+    model.eval()
+    model_dir = save_model(model, root / "models" / "addition-tiny", tokenizer=tok)
+    info = {
+        "feature_input_hook": "blocks.{layer}.hook_mlp_in",
+        "feature_output_hook": "blocks.{layer}.hook_mlp_out",
+    }
+    clt_dir = save_clt(firing_clt(model), root / "clts" / "addition-tiny", info=info)
+    rng = np.random.default_rng(0)
+    seqs = rng.integers(1, cfg.vocab_size, size=(24, cfg.context_length))
+    seqs[:, 0] = cfg.bos_token_id
+    (root / "data").mkdir()
+    np.save(root / "data" / "addition.npy", seqs)
+    return GraphArtifacts(root, model_dir, clt_dir, root / "data" / "addition.npy")

@@ -183,6 +183,16 @@ def head_loadings(
     return HeadLoadings(edges, out)
 
 
+def select_loadings(loadings: HeadLoadings, edges: torch.Tensor) -> HeadLoadings:
+    """The loadings of `edges` (graph edge indices, each one of `loadings.edges`)."""
+    order = loadings.edges.argsort()
+    known = loadings.edges[order]
+    at = torch.searchsorted(known, edges)
+    if (at >= known.numel()).any() or (known[at] != edges).any():
+        raise ValueError("select_loadings: some of the edges have no loadings")
+    return HeadLoadings(edges, loadings.loadings[order[at]])
+
+
 def head_summary(
     loadings: HeadLoadings, edge_weights: torch.Tensor, coverage: float = 0.8
 ) -> HeadSummary:
@@ -288,10 +298,15 @@ def attention_attribution(
     qk_edges: int = 0,
     qk_at: Sequence[tuple[int, int, int, int]] = (),
     coverage: float = 0.8,
+    loading_edges: torch.Tensor | None = None,
 ) -> AttentionAttribution:
     """Head loadings of the pruned graph's cross-position edges, the head summary (weights:
     the edges' influence in the pruned graph), and QK attributions of the `qk_edges` open
-    attention edges carrying most of it, then of each (layer, head, query, key) in `qk_at`."""
+    attention edges carrying most of it, then of each (layer, head, query, key) in `qk_at`.
+
+    loading_edges: cross-position edges to compute head loadings for instead, a superset of the
+    pruned graph's (a graph store keeps them to serve other prunings). `loadings` then holds
+    them all; the summary and the QK choice still use the pruned graph's edges alone."""
     # The graph's own conventions: which positions hold features, what embeddings hold.
     include_bos = graph.settings.get("include_bos", not graph.featureless_positions)
     rm = ReplacementModel(model, clt, include_bos=include_bos, embedding=graph.embedding)
@@ -305,7 +320,10 @@ def attention_attribution(
     pos = graph.node_positions()
     cross = pruned.edge_mask & (pos[graph.edge_sources] < pos[graph.edge_targets])
     edges = cross.nonzero().squeeze(1)
-    loadings = head_loadings(rm, run, sources, graph, edges, batch_size)
+    computed = head_loadings(
+        rm, run, sources, graph, edges if loading_edges is None else loading_edges, batch_size
+    )
+    loadings = computed if loading_edges is None else select_loadings(computed, edges)
     weights = pruned.pruned_edge_scores[edges]
     summary = head_summary(loadings, weights, coverage)
     hops = []
@@ -317,4 +335,4 @@ def attention_attribution(
         ctx = QKContext(rm, run, sources, batch_size)
         qk = [ctx.attribute(*hop) for hop in hops]
     offset = model.blocks[0].attn.gate_offset if model.gate_mode != "off" else None
-    return AttentionAttribution(loadings, summary, qk, offset)
+    return AttentionAttribution(computed, summary, qk, offset)
