@@ -299,10 +299,12 @@ def test_cli_trains_on_a_harvested_store(tmp_path, tiny_model_dir, token_file):
             "--activation", "batchtopk", "--k", "4", "--checkpoint-every", "4", "--eval-steps", "2", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     metrics = read_json(out / "metrics.json")
-    assert (
-        metrics["steps"] == 256 // 32
+    assert (  # a one-pass batchtopk run holds its last batch back to calibrate JumpReLU on
+        metrics["steps"] == 256 // 32 - 1
+        and metrics["calibration_tokens"] == metrics["eval_tokens"] == 32
         and math.isfinite(metrics["fvu"])
         and metrics["l0"] == pytest.approx(4)
+        and metrics["l0_before_conversion"] == pytest.approx(4)
     )
     saved = read_json(out / "config.json")
     assert saved["clt"]["activation"] == "jumprelu" and saved["activations"]["url"] == str(store)

@@ -24,6 +24,10 @@ weights them):
     auxk      TopK/BatchTopK only: the top-k_aux dead features reconstruct the residual
               (Gao et al. 2024), scaled by min(dead / k_aux, 1)
 
+BatchTopK under DDP (`distributed_batch`) selects over the global batch, as one process of
+the same batch would: each rank offers its largest pre-activations, the global B·k-th largest
+becomes a threshold, and each rank keeps its values at or above it (ties aside, the same set).
+
 JumpReLU follows Rajamanoharan et al. 2024 ("Jumping Ahead"): a = z · H(z - θ) with a
 learned θ = exp(log_threshold) and straight-through pseudo-derivatives through a rectangle
 kernel K(u) = 1[|u| < 1/2] of bandwidth ε:
@@ -33,9 +37,11 @@ kernel K(u) = 1[|u| < 1/2] of bandwidth ε:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -178,9 +184,24 @@ def topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
 
-def batchtopk_activation(pre: torch.Tensor, k: int, scope: Literal["layer", "all"]) -> torch.Tensor:
-    """Keep the B·k largest pre-activations of each layer (or B·L·k over all layers), ReLU'd."""
+def batchtopk_activation(
+    pre: torch.Tensor, k: int, scope: Literal["layer", "all"], distributed: bool = False
+) -> torch.Tensor:
+    """Keep the B·k largest pre-activations of each layer (or B·L·k over all layers), ReLU'd.
+    distributed: B is the global batch of every rank of the process group (each holding B/world)."""
     B, L, F = pre.shape
+    world = dist.get_world_size() if distributed and dist.is_initialized() else 1
+    if world > 1:
+        rows = pre.detach().transpose(0, 1).reshape(L, B * F)  # L,B*F
+        if scope == "all":
+            rows = rows.reshape(1, L * B * F)
+        n_keep = B * world * k * (1 if scope == "layer" else L)  # over the global batch
+        offer = rows.topk(min(n_keep, rows.shape[1]), dim=-1).values.contiguous()  # R,c
+        gathered = [torch.empty_like(offer) for _ in range(world)]
+        dist.all_gather(gathered, offer)
+        theta = torch.cat(gathered, 1).topk(n_keep, dim=-1).values[:, -1]  # R
+        theta = theta.view(1, -1, 1) if scope == "layer" else theta.view(1, 1, 1)
+        return (pre * (pre >= theta)).relu()
     if scope == "layer":
         flat = pre.transpose(0, 1).reshape(L, B * F)  # L,B*F
         values, indices = flat.topk(B * k, dim=-1)
@@ -207,6 +228,8 @@ class CrossLayerTranscoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(L, M))
         if cfg.activation == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((L, F), math.log(cfg.initial_threshold)))
+        # BatchTopK over the global batch of a DDP process group (the trainer sets it).
+        self.distributed_batch = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -242,7 +265,9 @@ class CrossLayerTranscoder(nn.Module):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """Activations of every layer: B,L,F -> B,L,F (BatchTopK selects over the batch)."""
         if self.cfg.activation == "batchtopk":
-            return batchtopk_activation(pre, self.cfg.k, self.cfg.batchtopk_scope)
+            return batchtopk_activation(
+                pre, self.cfg.k, self.cfg.batchtopk_scope, distributed=self.distributed_batch
+            )
         return self._per_token(pre, self.threshold)
 
     def _per_token(self, pre: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
@@ -381,19 +406,13 @@ class CrossLayerTranscoder(nn.Module):
         """A JumpReLU copy of this TopK/BatchTopK CLT, thresholds calibrated on `inputs` (N,L,M)
         so its L0 there equals this CLT's (one threshold per layer, or one for all layers with
         batchtopk_scope 'all'). BatchTopK depends on the batch; JumpReLU does not."""
-        cfg = self.cfg
-        if cfg.activation not in ("topk", "batchtopk"):
-            raise ValueError(f"to_jumprelu converts topk/batchtopk CLTs, not {cfg.activation!r}")
-        pre = self.encode(inputs.to(self.W_enc)).float()  # N,L,F
-        active = (self.activate(pre) != 0).sum((0, 2))  # L: this CLT's firing count per layer
-        L, F = pre.shape[1:]
-        if cfg.activation == "batchtopk" and cfg.batchtopk_scope == "all":
-            theta = _count_threshold(pre.reshape(-1), int(active.sum())).expand(L)
-        else:
-            theta = torch.stack(
-                [_count_threshold(pre[:, i].reshape(-1), int(active[i])) for i in range(L)]
-            )
-        new_cfg = cfg.model_copy(update={"activation": "jumprelu"})
+        return self.with_thresholds(jumprelu_thresholds(self, [inputs], inputs.shape[0]))
+
+    @torch.no_grad()
+    def with_thresholds(self, theta: torch.Tensor) -> CrossLayerTranscoder:
+        """A JumpReLU copy of this CLT with threshold theta[l] for every feature of layer l."""
+        L, F = self.cfg.n_layers, self.cfg.d_features
+        new_cfg = self.cfg.model_copy(update={"activation": "jumprelu"})
         with torch.device("meta"):
             clt = CrossLayerTranscoder(new_cfg)
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
@@ -402,8 +421,49 @@ class CrossLayerTranscoder(nn.Module):
         return clt
 
 
+@torch.no_grad()
+def jumprelu_thresholds(
+    clt: CrossLayerTranscoder, batches: Iterable[torch.Tensor], n_tokens: int, world: int = 1
+) -> torch.Tensor:
+    """Thresholds θ [L] under which a JumpReLU copy of the TopK/BatchTopK `clt` fires as often
+    as `clt` does on `batches` (inputs B,L,M; `n_tokens` at most in all, over all ranks): per
+    layer, θ is the largest pre-activation that must stay off. Streams: it keeps at most the
+    n_tokens·k largest pre-activations of each layer (n_tokens·L·k with one scope 'all').
+    Under DDP (`world` > 1) every rank passes its own share and gets the same θ."""
+    cfg = clt.cfg
+    if cfg.activation not in ("topk", "batchtopk"):
+        raise ValueError(f"to_jumprelu converts topk/batchtopk CLTs, not {cfg.activation!r}")
+    L = cfg.n_layers
+    one = cfg.activation == "batchtopk" and cfg.batchtopk_scope == "all"
+    cap = n_tokens * cfg.k * (L if one else 1) + 1  # the most that can fire, and one more
+    active = torch.zeros(L, dtype=torch.float64, device=clt.b_enc.device)
+    kept: torch.Tensor | None = None  # R,c: the largest pre-activations so far
+    for inputs in batches:
+        pre = clt.encode(inputs.to(clt.W_enc)).float()  # N,L,F
+        active += (clt.activate(pre) != 0).sum((0, 2)).double()
+        rows = pre.transpose(0, 1).reshape(1 if one else L, -1)  # R,N*F
+        if kept is not None:
+            rows = torch.cat([kept, rows], 1)
+        kept = rows.topk(min(cap, rows.shape[1]), dim=-1).values
+    if kept is None:
+        raise ValueError("no calibration batch for the JumpReLU thresholds")
+    if world > 1:
+        width = torch.tensor([kept.shape[1]], device=kept.device)
+        dist.all_reduce(active)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)  # all_gather needs equal shapes
+        pad = kept.new_full((kept.shape[0], int(width) - kept.shape[1]), float("-inf"))
+        kept = torch.cat([kept, pad], 1)
+        gathered = [torch.empty_like(kept) for _ in range(world)]
+        dist.all_gather(gathered, kept)
+        kept = torch.cat(gathered, 1)
+    n_on = active.sum().view(1) if one else active  # R
+    theta = torch.stack([_count_threshold(v, int(n)) for v, n in zip(kept, n_on, strict=True)])
+    return theta.expand(L) if one else theta
+
+
 def _count_threshold(values: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """The θ > 0 for which exactly `n_keep` of `values` satisfy value > θ (ties aside)."""
+    """The θ > 0 for which exactly `n_keep` of `values` (the largest ones, sorted or not)
+    satisfy value > θ (ties aside)."""
     if n_keep >= values.numel():
         return values.new_tensor(1e-8)
     kth = values.topk(n_keep + 1).values[-1]  # the largest value that must stay off

@@ -5,8 +5,18 @@ own share of every global batch, gradients are averaged by DDP, and the dead-fea
 counters are reduced over ranks so every rank sees the same global counts.
 
 Loss per step: nmse + λ_S(step)·sparsity + λ_P·preact + α·auxk (terms in `model.py`), with
-AdamW, a warm-up + cosine/linear learning-rate schedule and λ_S's warm-up both pure
-functions of the step. A checkpoint holds the weights, optimiser state, step and counters;
+AdamW, a warm-up + cosine/linear learning-rate schedule (the one in
+`sparse_attention/training.py`) and λ_S's warm-up both pure functions of the step. λ_S
+defaults to 0 for TopK/BatchTopK, whose k sets the sparsity. BatchTopK under DDP selects over
+the global batch (`model.py`).
+
+TopK/BatchTopK CLTs are saved as JumpReLU (the circuit-tracer layout has no TopK): the
+thresholds are calibrated on held-out batches, the ones after the last trained batch (a
+one-pass run holds them back from training), read by every rank; `metrics.json`'s `fvu` and
+`l0` are the saved JumpReLU model's on held-out batches, and the TopK model's training-window
+figures stay under `fvu_before_conversion`, `l0_before_conversion`, ....
+
+A checkpoint holds the weights, optimiser state, step and counters;
 a rerun after a kill resumes there, reading its data from batch `step` on (no replay).
 
 The output dir is the CLT dir (`cltdir.py`, normalisation folded in) plus `metrics.json`
@@ -17,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -28,22 +37,29 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import resolve_device
 from ..io import (
     append_jsonl,
-    atomic_path,
     claim_run_dir,
     load_checkpoint,
     save_checkpoint,
     write_json,
 )
 from ..progress import progress_bar
+from ..sparse_attention.training import learning_rate, truncate_log
 from .cltdir import load_clt, save_clt
+from .harvest import StoreAccess
 from .loader import ActivationLoader, open_store
-from .model import Activation, CLTConfig, CrossLayerTranscoder, l0, sparsity_coefficient
+from .model import (
+    Activation,
+    CLTConfig,
+    CrossLayerTranscoder,
+    jumprelu_thresholds,
+    sparsity_coefficient,
+)
 
 __all__ = ["TrainCLTConfig", "train_clt", "learning_rate", "load_clt", "save_clt"]
 
@@ -51,18 +67,20 @@ log = logging.getLogger(__name__)
 
 STAGE = "train-clt"
 # Fields that change how a run is executed, not what it computes: a resumed run may differ in them.
-OPERATIONAL_FIELDS = {"device", "resume", "log_every"}
+# Where the store is reached (and its credentials) is no part of a run's identity, and never saved.
+OPERATIONAL_FIELDS = {"device", "resume", "log_every", "endpoint_url", "storage_options"}
 
 # batches(start) -> this rank's (inputs, targets) of global batches start, start + 1, ...
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
-class TrainCLTConfig(BaseModel):
+class TrainCLTConfig(StoreAccess):
     """Everything one CLT training run needs; n_layers and d_model come from the store."""
 
     model_config = ConfigDict(extra="forbid")
     activations: str = Field(
-        description="Activation store written by `harvest`: a local path or s3:// URL."
+        description="Activation store written by `harvest`: a local path or s3:// URL (with --endpoint-url, "
+        "--storage-options)."
     )
     out: Path = Field(description="Output CLT directory (resumed if it holds this same run).")
     # ---- the CLT (see CLTConfig)
@@ -101,8 +119,11 @@ class TrainCLTConfig(BaseModel):
         0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak."
     )
     clip_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    sparsity_coefficient: float = Field(
-        1e-3, ge=0, description="Final λ_S of the tanh sparsity penalty."
+    sparsity_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="Final λ_S of the tanh sparsity penalty; default 1e-3 for relu/jumprelu and 0 for "
+        "topk/batchtopk, whose k sets the sparsity.",
     )
     sparsity_warmup_steps: int | None = Field(
         None, ge=0, description="Steps over which λ_S ramps from 0; default all steps."
@@ -115,6 +136,12 @@ class TrainCLTConfig(BaseModel):
     )
     dead_feature_tokens: int = Field(
         10_000_000, gt=0, description="A feature silent this many tokens is dead."
+    )
+    calibration_tokens: int = Field(
+        16384,
+        gt=0,
+        description="topk/batchtopk: held-out tokens (the batches after the trained ones) for the saved "
+        "JumpReLU's thresholds and its fvu/l0; a one-pass run holds back at most a tenth of its batches.",
     )
     init_fire_rate: float = Field(
         0.01,
@@ -144,7 +171,18 @@ class TrainCLTConfig(BaseModel):
     def _check(self) -> TrainCLTConfig:
         if self.activation in ("topk", "batchtopk") and self.k is None:
             raise ValueError(f"activation {self.activation!r} needs --k")
+        if self.sparsity_coefficient is None:
+            topk = self.activation in ("topk", "batchtopk")
+            self.sparsity_coefficient = 0.0 if topk else 1e-3
         return self
+
+    @property
+    def converts(self) -> bool:
+        """TopK/BatchTopK: saved as JumpReLU after calibration on held-out batches."""
+        return self.activation in ("topk", "batchtopk")
+
+    def calibration_batches(self) -> int:
+        return math.ceil(self.calibration_tokens / self.batch_size)
 
     def clt_config(self, n_layers: int, d_model: int) -> CLTConfig:
         return CLTConfig(
@@ -160,20 +198,6 @@ class TrainCLTConfig(BaseModel):
             sparsity_c=self.sparsity_c,
             k_aux=self.k_aux,
         )
-
-
-def learning_rate(
-    step: int, *, peak: float, warmup_steps: int, total_steps: int, decay: str, min_ratio: float
-) -> float:
-    """Linear warm-up to `peak`, then cosine or linear decay to `min_ratio · peak` at `total_steps`."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    if decay == "constant":
-        return peak
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if decay == "cosine":
-        return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-    return peak * (1 - (1 - min_ratio) * progress)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -233,6 +257,8 @@ def train_clt(config: TrainCLTConfig) -> Path:
     loader_kwargs = dict(
         seed=config.seed, rank=rank, world_size=world, normalize=True, drop_last=True, device=device
     )
+    loader_kwargs["storage_options"] = config.fsspec_options()
+    n_calibration = config.calibration_batches() if config.converts else 0
     with distributed(device):
         probe = ActivationLoader(config.activations, local_batch, **loader_kwargs)
         if config.steps:  # a fixed step count may need more than one pass
@@ -242,6 +268,9 @@ def train_clt(config: TrainCLTConfig) -> Path:
                 _all_reduce(torch.tensor(len(probe), device=device), world, dist.ReduceOp.MIN)
             )
             loader_kwargs["epochs"] = 1
+            if n_calibration:  # held back from training: the batches after the last trained one
+                n_calibration = min(n_calibration, max(1, steps // 10))
+                steps -= n_calibration
         if steps < 1:
             raise ValueError(
                 f"{config.activations} holds {probe.n_rows} rows: not one batch of {config.batch_size}"
@@ -260,10 +289,12 @@ def train_clt(config: TrainCLTConfig) -> Path:
             "feature_output_hook": "blocks.{layer}.hook_mlp_out",
             "activations": {
                 "url": config.activations,
-                "attrs": dict(open_store(config.activations).attrs),
+                "attrs": dict(open_store(config.activations, config.fsspec_options()).attrs),
             },
         }
-        return _train(config, batches, probe.stats, steps=steps, info=info)
+        return _train(
+            config, batches, probe.stats, steps=steps, info=info, calibration_batches=n_calibration
+        )
 
 
 def _train(
@@ -273,11 +304,14 @@ def _train(
     *,
     steps: int,
     info: dict | None = None,
+    calibration_batches: int | None = None,
 ) -> Path:
     """The training loop over any source of this rank's normalised batches.
 
     `batches(start)` yields this rank's (inputs, targets) [B/world, L, M] for global batches
     start, start + 1, ...; `stats` is the store's normalisation (folded into the saved CLT).
+    A TopK/BatchTopK CLT is converted on `calibration_batches` held-out batches, global
+    batches steps, steps + 1, ... (default: config.calibration_tokens' worth).
     """
     _, _, local_rank = dist_env()
     device = resolve_device(config.device, local_rank)
@@ -299,8 +333,9 @@ def _train(
             return out
         trainer = _Trainer(config, clt_cfg, device, rank, world, steps)
         trainer.run(batches)
-        if rank == 0:
-            trainer.finish(batches, stats, info or {})
+        if calibration_batches is None:
+            calibration_batches = config.calibration_batches()
+        trainer.finish(batches, stats, info or {}, calibration_batches)
     return out
 
 
@@ -323,6 +358,7 @@ class _Trainer:
         torch.manual_seed(config.seed)
         # Built on the CPU, then moved: the same initial weights on any device.
         self.model = CrossLayerTranscoder(clt_cfg).to(device)
+        self.model.distributed_batch = world > 1  # BatchTopK over the global batch
         self.opt = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.lr,
@@ -338,7 +374,7 @@ class _Trainer:
             n: torch.zeros(L, dtype=torch.float64, device=device) for n in ("err", "var", "l0")
         }
         self.window_tokens = torch.zeros((), dtype=torch.float64, device=device)
-        self.last_inputs: torch.Tensor | None = None
+        self.last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.ones = torch.ones(L, device=device)  # normalised targets: unit variance per entry
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
@@ -374,23 +410,24 @@ class _Trainer:
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
         self.window = {k: tensors[f"window.{k}"].to(self.device) for k in self.window}
         self.window_tokens = tensors["window.tokens"].to(self.device)
-        if self.rank == 0:
-            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        if self.rank == 0:  # lines name the steps done: keep those up to the checkpoint's
+            truncate_log(self.out / "metrics.jsonl", below=self.step + 1)
         log.info("resumed %s at step %d", self.out, self.step)
         return True
 
     # ------------------------------------------------------------------ the loop
 
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's share of a global batch, concatenated in rank order."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
     def _init_from_first_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Biases from the whole first global batch (gathered), so every rank count agrees."""
-        if self.world > 1:
-            gathered = (
-                [torch.empty_like(inputs) for _ in range(self.world)],
-                [torch.empty_like(targets) for _ in range(self.world)],
-            )
-            dist.all_gather(gathered[0], inputs)
-            dist.all_gather(gathered[1], targets)
-            inputs, targets = torch.cat(gathered[0]), torch.cat(gathered[1])
+        inputs, targets = self._gather(inputs), self._gather(targets)
         self.model.init_from_batch(inputs, targets, self.config.init_fire_rate)
 
     def run(self, batches: Batches) -> None:
@@ -477,7 +514,7 @@ class _Trainer:
             if self.step >= self.steps - cfg.eval_steps:
                 self._accumulate(o, targets, counts)
         self.step += 1
-        self.last_inputs = inputs
+        self.last_batch = (inputs, targets)
         if self.step % cfg.log_every == 0 or self.step == self.steps:
             l0_sum = counts.sum() / inputs.shape[0]  # active features per token, all layers
             self._log(
@@ -488,17 +525,12 @@ class _Trainer:
     def _accumulate(self, o, targets: torch.Tensor, counts: torch.Tensor) -> None:
         """Add this step's global sums (all ranks) to the metrics window."""
         t = targets.double()
-        sums = torch.stack(
-            [
-                (o.reconstruction.double() - t).pow(2).sum((0, 2)),  # L
-                (t - t.mean(0)).pow(2).sum((0, 2)),
-                counts.sum(-1).double(),
-            ]
-        )  # 3,L
-        sums = _all_reduce(sums, self.world)
-        for name, s in zip(("err", "var", "l0"), sums, strict=True):
+        err = (o.reconstruction.double() - t).pow(2).sum((0, 2))  # L
+        sums = _all_reduce(torch.stack([err, counts.sum(-1).double()]), self.world)  # 2,L
+        var, n = _global_variance(t, self.world)
+        for name, s in zip(("err", "var", "l0"), (sums[0], var, sums[1]), strict=True):
             self.window[name] += s
-        self.window_tokens += t.shape[0] * self.world
+        self.window_tokens += n
 
     def _log(self, o, loss, l0_sum, lam, lr, grad_norm, dead, elapsed, bar) -> None:
         terms = torch.stack([loss, o.nmse, o.sparsity, o.preact, o.auxk, l0_sum]).detach().float()
@@ -517,23 +549,17 @@ class _Trainer:
     # ------------------------------------------------------------------ the artifact
 
     @torch.no_grad()
-    def finish(self, batches: Batches, stats: dict[str, torch.Tensor], info: dict) -> None:
-        """Rank 0: write the CLT dir (normalisation folded) and metrics.json."""
+    def finish(
+        self, batches: Batches, stats: dict[str, torch.Tensor], info: dict, n_calibration: int
+    ) -> None:
+        """Every rank: convert a TopK/BatchTopK CLT on held-out batches. Rank 0: write the CLT
+        dir (normalisation folded) and metrics.json."""
         window = {k: v.clone() for k, v in self.window.items()}
         tokens = float(self.window_tokens)
         if tokens == 0:
             raise ValueError("no step was scored for metrics.json (did the run train at all?)")
         fvu_per_layer = (window["err"] / window["var"]).tolist()
         l0_per_layer = (window["l0"] / tokens).tolist()
-        clt = self.model
-        metrics = {}
-        if clt.cfg.activation in ("topk", "batchtopk"):
-            # The circuit-tracer layout holds JumpReLU, not TopK: thresholds with the same L0.
-            calibration = self.last_inputs
-            if calibration is None:  # resumed after the last step: any batch will do
-                calibration = next(iter(batches(0)))[0].to(self.device)
-            clt = clt.to_jumprelu(calibration)
-            metrics["jumprelu_l0_calibration"] = l0(clt(calibration).features).mean().item()
         dead = self.tokens_since_fired >= self.config.dead_feature_tokens
         metrics = {
             "fvu": float(window["err"].sum() / window["var"].sum()),
@@ -545,10 +571,81 @@ class _Trainer:
             "steps": self.step,
             "tokens": self.step * self.config.batch_size,
             "eval_tokens": int(tokens),
-            **metrics,
         }
-        save_clt(clt, self.out, stats=stats, info=info)
-        write_json(self.out / "metrics.json", metrics)  # last: its presence marks the run finished
+        clt = self.model
+        if clt.cfg.activation in ("topk", "batchtopk"):
+            clt, converted = self._convert(batches, max(1, n_calibration))
+            keys = ("fvu", "l0", "l0_total", "fvu_per_layer", "l0_per_layer", "eval_tokens")
+            metrics |= {f"{k}_before_conversion": metrics[k] for k in keys} | converted
+        if self.rank == 0:
+            save_clt(clt, self.out, stats=stats, info=info)
+            write_json(self.out / "metrics.json", metrics)  # last: it marks the run finished
+
+    def _held_out(self, batches: Batches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the `n` global batches after the last trained one; every rank
+        gets as many. A source that ends there gives the last trained batch instead."""
+        held = [
+            (x.to(self.device), y.to(self.device))
+            for x, y in itertools.islice(batches(self.step), n)
+        ]
+        count = int(
+            _all_reduce(torch.tensor(len(held), device=self.device), self.world, dist.ReduceOp.MIN)
+        )
+        if count == 0:
+            log.warning(
+                "no held-out batch after step %d: calibrating on the last trained batch", self.step
+            )
+            if self.last_batch is None:  # resumed after the last step: any batch will do
+                self.last_batch = next(iter(batches(0)))
+            held = [tuple(t.to(self.device) for t in self.last_batch)]
+            count = 1
+        return held[:count]
+
+    def _convert(self, batches: Batches, n: int) -> tuple[CrossLayerTranscoder, dict]:
+        """The JumpReLU copy of the TopK/BatchTopK model: thresholds from the first half of
+        the held-out batches (all ranks), its fvu and l0 measured on the second half (on all of
+        them when there is one)."""
+        held = self._held_out(batches, n)
+        calibrate, measure = (
+            (held[: len(held) // 2], held[len(held) // 2 :]) if len(held) > 1 else (held, held)
+        )
+        n_tokens = sum(x.shape[0] for x, _ in calibrate) * self.world
+        theta = jumprelu_thresholds(
+            self.model, (x for x, _ in calibrate), n_tokens, world=self.world
+        )
+        clt = self.model.with_thresholds(theta)
+        L = clt.cfg.n_layers
+        sums = torch.zeros(2, L, dtype=torch.float64, device=self.device)  # err, active
+        for x, y in measure:
+            o = clt(x)
+            sums[0] += (o.reconstruction.double() - y.double()).pow(2).sum((0, 2))
+            sums[1] += (o.features != 0).sum((0, 2)).double()
+        sums = _all_reduce(sums, self.world)
+        var, measured = _global_variance(torch.cat([y for _, y in measure]).double(), self.world)
+        sums = torch.stack([sums[0], var, sums[1]])  # err, var, active
+        l0_per_layer = (sums[2] / measured).tolist()
+        return clt, {
+            "fvu": float(sums[0].sum() / sums[1].sum()),
+            "l0": sum(l0_per_layer) / L,
+            "l0_total": sum(l0_per_layer),
+            "fvu_per_layer": (sums[0] / sums[1]).tolist(),
+            "l0_per_layer": l0_per_layer,
+            "eval_tokens": measured,
+            "calibration_tokens": n_tokens,
+            "converted_from": self.model.cfg.activation,
+        }
+
+
+def _global_variance(t: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
+    """Σ over every rank's rows of (t - mean)² per layer, the mean over all ranks' rows (as
+    one process of the whole batch would compute it), and the row count: t N,L,M -> L, n."""
+    n = torch.tensor(float(t.shape[0]), dtype=torch.float64, device=t.device)
+    moments = [t.sum(0), t.pow(2).sum((0, 2)), n]  # L,M  L  scalar
+    if world > 1:
+        for m in moments:
+            dist.all_reduce(m)
+    s1, s2, n = moments
+    return s2 - s1.pow(2).sum(-1) / n, int(n)
 
 
 def _to_cpu(obj):
@@ -560,16 +657,3 @@ def _to_cpu(obj):
     if isinstance(obj, list | tuple):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl lines past `step` (written after the checkpoint a resume starts from)."""
-    if not path.is_file():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))

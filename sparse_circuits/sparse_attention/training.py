@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..io import append_jsonl, load_checkpoint, save_checkpoint
+from ..io import append_jsonl, atomic_path, load_checkpoint, save_checkpoint
 from ..progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,33 @@ class OptimConfig(BaseModel):
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
 
 
-def lr_at(step: int, *, lr: float, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step."""
+def learning_rate(
+    step: int,
+    *,
+    peak: float,
+    warmup_steps: int,
+    total_steps: int,
+    decay: str = "cosine",
+    min_ratio: float,
+) -> float:
+    """The one learning-rate schedule of every training loop: linear warm-up to `peak`, then
+    cosine or linear decay (or none: "constant") to `min_ratio · peak` at `total_steps`."""
     if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return lr * (
-        min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return peak * (step + 1) / warmup_steps
+    if decay == "constant":
+        return peak
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "cosine":
+        return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if decay == "linear":
+        return peak * (1 - (1 - min_ratio) * progress)
+    raise ValueError(f"decay must be cosine, linear or constant, got {decay!r}")
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
+    """`learning_rate` with cosine decay, in the fields of `OptimConfig`."""
+    return learning_rate(
+        step, peak=lr, warmup_steps=warmup_steps, total_steps=steps, min_ratio=min_lr_ratio
     )
 
 
@@ -99,7 +119,7 @@ def run_training(
         extra_state.update(state["extra"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
-        _truncate_log(log_path, start)
+        truncate_log(log_path, start)
         log.info("resumed %s from step %d", out, start)
     elif log_path.exists():
         log_path.unlink()
@@ -147,15 +167,21 @@ def run_training(
     return metrics
 
 
-def _truncate_log(path: Path, start: int) -> None:
-    """Drop records past the checkpoint we resume from, so the log has each step once."""
+def truncate_log(path: Path, below: int) -> int:
+    """Keep the JSONL records of `path` whose "step" is below `below` (those written before
+    the checkpoint a resume starts from), so the log has each step once; a line cut short by
+    a kill, or one without a step, is dropped. The file is replaced atomically. Every
+    training loop resumes through this. Returns the number of records kept."""
     if not path.exists():
-        return
+        return 0
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line)["step"] < start:
+            record = json.loads(line)
+            if isinstance(record, dict) and int(record["step"]) < below:
                 keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line cut short by the kill
-    path.write_text("".join(line + "\n" for line in keep))
+        except (ValueError, KeyError, TypeError):
+            continue  # torn or foreign
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+    return len(keep)
