@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
 import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import NamedTuple
 
-from .config import ConfigError, add_config_arguments, config_from_args
-from .io import RunDirError
-from .stages import STAGES, Stage
+# Before anything imports torch (whose OpenMP reads it once): threads that wait sleep instead of
+# spinning. On a busy machine spinning threads steal the cores the working ones need; see
+# benchmarks/bench_omp_wait.py for the figures this default was chosen from. A value the user
+# set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import __version__  # noqa: E402
+from .config import add_config_arguments, add_flag_arguments, config_from_args  # noqa: E402
+from .errors import StageError  # noqa: E402
+from .io import released_locks  # noqa: E402
+from .stages import STAGES, Stage  # noqa: E402
 
 # command -> (module, config class, run function, one-line help): the pipeline stages, then the
 # commands that are not stages (they take a config too, but are not jobs).
@@ -30,37 +44,140 @@ COMMANDS: dict[str, Stage] = {
 }  # fmt: skip
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only `command`'s module is imported to build its flags."""
+class PlainCommand(NamedTuple):
+    """A command that takes no stage config (e.g. a group such as `keys create|list|revoke`).
+
+    `add_arguments(parser)` adds its flags (or its own subparsers); `run(args) -> int | None`
+    runs it and returns the exit status. Both are names in `module`, imported only when the
+    command is the one asked for. It raises StageError for expected failures, like a stage."""
+
+    module: str
+    add_arguments: str
+    run: str
+    help: str
+
+
+PLAIN_COMMANDS: dict[str, PlainCommand] = {}
+
+HELP_CACHE = "cli_flags.json"  # every config command's flags, so that --help needs no torch
+
+
+def _cached_flags(command: str) -> list[dict] | None:
+    try:
+        text = resources.files("sparse_circuits").joinpath(HELP_CACHE).read_text()
+    except OSError:
+        return None
+    return json.loads(text).get(command)
+
+
+def live_flags() -> dict[str, list[dict]]:
+    """Every config command's flags, from the configs themselves (imports every stage)."""
+    from .config import flag_specs  # noqa: PLC0415
+
+    flags = {}
+    for name, stage in COMMANDS.items():
+        try:
+            flags[name] = flag_specs(stage.config_class())
+        except ImportError:  # a command whose module is not installed: its help imports it
+            continue
+    return flags
+
+
+def update_help_cache(path: Path | None = None) -> Path:
+    """Rewrite sparse_circuits/cli_flags.json from the configs (after changing a config's fields:
+    `python -c "from sparse_circuits.cli import update_help_cache; update_help_cache()"`)."""
+    path = path or Path(__file__).with_name(HELP_CACHE)
+    path.write_text(json.dumps(live_flags(), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def _asks_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def build_parser(command: str | None = None, help_only: bool = False) -> argparse.ArgumentParser:
+    """The parser; only `command`'s flags are built, from its config (its module imported), or
+    for `help_only` from the flags cached with the package when they are there."""
     parser = argparse.ArgumentParser(prog="sparse-circuits", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sparse-circuits {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, config_name, _run, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        if name == command:
+        if name != command:
+            continue
+        cached = _cached_flags(name) if help_only else None
+        if cached is not None:
+            add_flag_arguments(p, cached)
+        else:
             add_config_arguments(p, getattr(importlib.import_module(module), config_name))
+    for name, plain in PLAIN_COMMANDS.items():
+        p = sub.add_parser(name, help=plain.help, description=plain.help)
+        if name == command:
+            getattr(importlib.import_module(plain.module), plain.add_arguments)(p)
     return parser
+
+
+class _Formatter(logging.Formatter):
+    """INFO lines as the message alone; other levels say what they are."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        if self.verbose:
+            return f"{record.levelname} {record.name}: {msg}"
+        return msg if record.levelno == logging.INFO else f"{record.levelname.lower()}: {msg}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter(verbose))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    # Third-party chatter a user cannot act on (matplotlib's one-time font-cache notice, ...).
+    for name in ("matplotlib", "PIL", "urllib3", "botocore", "s3fs", "fsspec", "numcodecs"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def _run(args: argparse.Namespace, run: Callable[[], object]) -> int:
+    try:
+        with released_locks():
+            result = run()
+    except StageError as e:
+        print(f"sparse-circuits {args.command}: error: {e}", file=sys.stderr)  # noqa: T201
+        return 2
+    except KeyboardInterrupt:
+        print(  # noqa: T201
+            f"\nsparse-circuits {args.command}: interrupted; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    if isinstance(result, int) and not isinstance(result, bool):
+        return result
+    if result is not None:
+        print(f"wrote {result}")  # noqa: T201
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(command).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    module, config_name, run_name, _ = COMMANDS[args.command]
-    mod = importlib.import_module(module)
-    try:
-        config = config_from_args(getattr(mod, config_name), args)
-        result = getattr(mod, run_name)(config)
-    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
-        print(f"sparse-circuits {args.command}: error: {e}", file=sys.stderr)  # noqa: T201
-        return 2
-    if result is not None:
-        print(f"wrote {result}")  # noqa: T201
-    return 0
+    command = next((a for a in argv if a in COMMANDS or a in PLAIN_COMMANDS), None)
+    args = build_parser(command, help_only=_asks_help(argv)).parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.command in PLAIN_COMMANDS:
+        plain = PLAIN_COMMANDS[args.command]
+        return _run(args, lambda: getattr(importlib.import_module(plain.module), plain.run)(args))
+    stage = COMMANDS[args.command]
+
+    def run() -> object:
+        config = config_from_args(stage.config_class(), args)
+        return stage.run_function()(config)
+
+    return _run(args, run)
 
 
 if __name__ == "__main__":

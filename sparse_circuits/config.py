@@ -8,20 +8,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["ConfigError", "Device", "DEVICE_HELP", "add_config_arguments", "config_from_args"]
 
-class ConfigError(ValueError):
-    """A config that does not validate; the message names the field."""
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_HELP = "Torch device: auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps."
+
+
+def _check_device(name: str) -> str:
+    if not _DEVICE.fullmatch(name):
+        raise ValueError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return name
+
+
+# The one device setting every stage takes; `resolve_device` turns it into a torch device.
+Device = Annotated[str, AfterValidator(_check_device)]
 
 
 def _flag(name: str) -> str:
@@ -31,6 +46,8 @@ def _flag(name: str) -> str:
 def _scalar_type(annotation: Any) -> tuple[Any, list | None, bool]:
     """(argparse type, choices, is_list) for a field annotation."""
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_type(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _scalar_type(args[0]) if len(args) == 1 else (str, None, False)
@@ -58,41 +75,83 @@ def _fields_in_help_order(config_cls: type[BaseModel]) -> list[str]:
     return names
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[BaseModel]) -> None:
-    parser.add_argument(
-        "--config", type=Path, help="JSON or YAML file with this stage's config; flags override it"
-    )
+def _default_text(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value)) if value else "none"
+    return "none" if value is None else str(value)
+
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def flag_specs(config_cls: type[BaseModel]) -> list[dict]:
+    """The command-line flags of a config, as plain data (JSON): name, kind, type, choices,
+    list, help. Help is the field's description plus its default, or that it is required."""
+    specs = []
     for name in _fields_in_help_order(config_cls):
         field = config_cls.model_fields[name]
-        help_ = field.description or ""
+        help_ = (field.description or "").strip()
+        if field.is_required():
+            help_ += " (required, here or in --config)"
+        elif field.default is None and "default" in help_.lower():
+            pass  # the description says what None stands for
+        elif field.default is not PydanticUndefined:
+            help_ += f" (default: {_default_text(field.default)})"
+        elif field.default_factory is not None:
+            help_ += f" (default: {_default_text(field.default_factory())})"
         if field.annotation is bool:
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=help_,
-            )
+            specs.append({"name": name, "kind": "bool", "help": help_.strip()})
             continue
         type_, choices, is_list = _scalar_type(field.annotation)
         if type_ is None:
             continue
+        specs.append({
+            "name": name, "kind": "value", "type": type_.__name__, "choices": choices,
+            "list": is_list, "help": help_.strip(),
+        })  # fmt: skip
+    return specs
+
+
+def add_flag_arguments(parser: argparse.ArgumentParser, specs: list[dict]) -> None:
+    """Add `flag_specs(...)` to a parser. Every default is None, so that only flags actually
+    given override the --config file (and the config's own defaults fill the rest)."""
+    parser.add_argument(
+        "--config", type=Path, help="JSON or YAML file with this stage's config; flags override it"
+    )
+    for spec in specs:
+        if spec["kind"] == "bool":
+            parser.add_argument(
+                _flag(spec["name"]), dest=spec["name"], action=argparse.BooleanOptionalAction,
+                default=None, help=spec["help"],
+            )  # fmt: skip
+            continue
         parser.add_argument(
-            _flag(name),
-            dest=name,
-            type=type_,
-            choices=choices,
-            nargs="+" if is_list else None,
-            default=None,
-            help=help_,
-        )
+            _flag(spec["name"]), dest=spec["name"], type=_TYPES[spec["type"]],
+            choices=spec["choices"], nargs="+" if spec["list"] else None, default=None,
+            help=spec["help"],
+        )  # fmt: skip
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[BaseModel]) -> None:
+    add_flag_arguments(parser, flag_specs(config_cls))
 
 
 def load_config_file(path: Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"config file {path} is not valid {kind}: {detail}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of field names to values")
     return data
@@ -107,14 +166,19 @@ def config_from_args(config_cls: type[BaseModel], args: argparse.Namespace):
     return validate_config(config_cls, data)
 
 
+def validation_message(e: ValidationError) -> str:
+    """A pydantic error as one line: `field: problem; field: problem` (no URLs, no input dump)."""
+    return "; ".join(
+        f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+        for err in e.errors()
+    )
+
+
 def validate_config(config_cls: type[BaseModel], data: dict):
     try:
         return config_cls.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"invalid {config_cls.__name__}: {problems}") from None
+        raise ConfigError(f"invalid {config_cls.__name__}: {validation_message(e)}") from None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -124,9 +188,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(_check_device(str(name)))
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} asked for but MPS is not available")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device

@@ -371,3 +371,41 @@ def graph_artifacts(tmp_path_factory) -> GraphArtifacts:
     (root / "data").mkdir()
     np.save(root / "data" / "addition.npy", seqs)
     return GraphArtifacts(root, model_dir, clt_dir, root / "data" / "addition.npy")
+
+
+@pytest.fixture(scope="session")
+def toy_pipeline(tmp_path_factory):
+    """quickstart's data-dir layout, every stage run for real at a tiny size (seconds, not
+    minutes): a dense addition model, its sparsified twin, their activation store, a BatchTopK
+    CLT, its evaluation and both quickstart graphs. Tests that change it work on a copy."""
+    from sparse_circuits.attribution.attribute import AttributeConfig, run_attribute
+    from sparse_circuits.clt.evaluate import EvalCLTConfig, eval_clt
+    from sparse_circuits.clt.harvest import HarvestConfig, harvest
+    from sparse_circuits.clt.train import TrainCLTConfig, train_clt
+    from sparse_circuits.io import released_locks
+    from sparse_circuits.quickstart import PROMPTS, paths
+    from sparse_circuits.sparse_attention.sparsify import SparsifyConfig, sparsify
+    from sparse_circuits.sparse_attention.train import ToyTrainConfig, train_toy
+
+    p = paths(tmp_path_factory.mktemp("pipeline") / "data")
+    with released_locks():
+        train_toy(ToyTrainConfig(
+            out=p.dense, n_layers=2, d_model=32, n_heads=2, steps=30, batch_size=64,
+            warmup_steps=5, device="auto",
+        ))  # fmt: skip
+        sparsify(SparsifyConfig(
+            model=p.dense, out=p.sparse, steps=6, batch_size=32, warmup_steps=1,
+            eval_sequences=64, select_sequences=32, select_every=2, device="auto",
+        ))  # fmt: skip
+        harvest(HarvestConfig(model=p.sparse, out=str(p.acts), tokens=2048, device="auto"))
+        train_clt(TrainCLTConfig(
+            activations=str(p.acts), out=p.clt, d_features=32, batch_size=128, steps=8,
+            lr_warmup_steps=1, activation="batchtopk", k=4, device="auto",
+        ))  # fmt: skip
+        eval_clt(EvalCLTConfig(clt=p.clt, model=p.sparse, device="auto"))
+        for prompt, graph in zip(PROMPTS, p.graphs, strict=True):
+            run_attribute(AttributeConfig(
+                model=p.sparse, clt=p.clt, prompt=prompt, out=graph, max_feature_nodes=16,
+                qk_edges=0,
+            ))  # fmt: skip
+    return p

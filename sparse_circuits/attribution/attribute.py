@@ -29,6 +29,7 @@ from ..clt.cltdir import load_clt
 from ..clt.model import CrossLayerTranscoder
 from ..clt.splice import warn_if_other_model
 from ..config import DEVICE_HELP, ConfigError, Device, resolve_device
+from ..errors import StageError
 from ..io import claim_output_file, read_json
 from ..progress import progress_bar
 from ..sparse_attention.model import Transformer
@@ -131,7 +132,7 @@ def attribute(
     (circuit-tracer's). include_bos: BOS positions get features (default: as the CLT was
     trained, from `clt_info`; without features the error node there holds the MLP output)."""
     if batch_size < 1 or update_interval < 1:
-        raise ValueError("batch_size and update_interval must be positive")
+        raise StageError("batch_size and update_interval must be positive")
     started = time.perf_counter()
     rm = ReplacementModel(model, clt, clt_info, include_bos=include_bos, embedding=embedding)
     bos = model.cfg.bos_token_id if add_bos else None  # text prompts: BOS first, as in training
@@ -340,9 +341,9 @@ class AttributeConfig(BaseModel):
     @model_validator(mode="after")
     def _one_prompt(self) -> AttributeConfig:
         if (self.prompt is None) == (self.prompt_ids is None):
-            raise ValueError("give exactly one of prompt and prompt_ids")
+            raise StageError("give exactly one of prompt and prompt_ids")
         if self.out is None and self.store_dir is None:
-            raise ValueError("give out (a graph JSON file), store_dir (a graph store), or both")
+            raise StageError("give out (a graph JSON file), store_dir (a graph store), or both")
         self.qk_edges_at()  # malformed edges fail here, before any work
         return self
 
@@ -352,12 +353,12 @@ class AttributeConfig(BaseModel):
         for text in self.qk_at:
             parts = text.replace(" ", "").split(",")
             if len(parts) != 4 or not all(p.isdigit() for p in parts):
-                raise ValueError(
+                raise StageError(
                     f'qk_at {text!r}: expected "layer,head,query,key", four integers >= 0'
                 )
             layer, head, query, key = map(int, parts)
             if key > query:
-                raise ValueError(
+                raise StageError(
                     f"qk_at {text!r}: the key position {key} is after the query position {query}"
                 )
             edges.append((layer, head, query, key))

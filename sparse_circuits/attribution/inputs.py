@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from tokenizers import Tokenizer
 
+from ..errors import StageError
+
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
 _DIFFERENCE = re.compile(rf"^\s*({_QUOTED})\s*-\s*({_QUOTED})\s*$")
 
@@ -42,40 +44,72 @@ def decode_tokens(tokens: torch.Tensor, tokenizer: Tokenizer | None) -> list[str
     return [tokenizer.decode([t], skip_special_tokens=False) for t in tokens.tolist()]
 
 
+def _unknown_pieces(prompt: str, tokenizer: Tokenizer) -> list[str]:
+    """Parts of `prompt` a vocabulary with an unknown token (word-level, say) maps to it."""
+    unk = getattr(tokenizer.model, "unk_token", None)
+    unk_id = tokenizer.token_to_id(unk) if unk else None
+    if unk_id is None:
+        return []  # byte-level BPE and the like: every text has tokens
+    enc = tokenizer.encode(prompt, add_special_tokens=False)
+    pieces = [prompt[a:b] for i, (a, b) in zip(enc.ids, enc.offsets, strict=True) if i == unk_id]
+    return sorted({p for p in pieces if p != unk})
+
+
 def tokenize_prompt(
-    prompt: str | Sequence[int] | torch.Tensor, tokenizer: Tokenizer | None
+    prompt: str | Sequence[int] | torch.Tensor,
+    tokenizer: Tokenizer | None,
+    *,
+    bos_token_id: int | None = None,
 ) -> torch.Tensor:
-    """Token ids of a prompt given as text (needs the model's tokenizer) or as ids."""
+    """Token ids of a prompt given as text (needs the model's tokenizer) or as ids.
+
+    bos_token_id: the BOS the model was trained with, put first unless the prompt starts with
+    it already (text prompts only: ids are taken as given). Text holding pieces the vocabulary
+    does not have is refused, naming them, rather than read as its unknown token."""
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise ValueError("the model has no tokenizer.json: give the prompt as token ids")
+            raise StageError("the model has no tokenizer.json: give the prompt as token ids")
+        unknown = _unknown_pieces(prompt, tokenizer)
+        if unknown:
+            raise StageError(
+                f"the prompt {prompt!r} holds {', '.join(map(repr, unknown))}, which the model's "
+                "vocabulary does not have"
+            )
         ids = tokenizer.encode(prompt).ids
         if not ids:
-            raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+            raise StageError(f"the prompt {prompt!r} encodes to no tokens")
+        if bos_token_id is not None and ids[0] != bos_token_id:
+            ids = [bos_token_id, *ids]
         return torch.tensor(ids, dtype=torch.long)
     return torch.as_tensor(prompt, dtype=torch.long).flatten()
+
+
+def describe_tokens(tokens: torch.Tensor, tokenizer: Tokenizer | None) -> str:
+    """How a prompt was tokenised, for the log: `7 tokens: <bos> | 3 | 6 | + | 4 | 7 | =`."""
+    texts = decode_tokens(tokens, tokenizer)
+    return f"{len(texts)} tokens: " + " | ".join(json.dumps(t)[1:-1] for t in texts)
 
 
 def token_id(spec: str | int, tokenizer: Tokenizer | None, vocab_size: int) -> int:
     """The vocabulary id of one target token, or a ValueError naming it."""
     if isinstance(spec, int):
         if not 0 <= spec < vocab_size:
-            raise ValueError(f"target token id {spec} is outside the vocabulary of {vocab_size}")
+            raise StageError(f"target token id {spec} is outside the vocabulary of {vocab_size}")
         return spec
     text = json.loads(spec) if re.fullmatch(_QUOTED, spec.strip()) else spec
     if tokenizer is None:
-        raise ValueError(f"target {text!r} is text but the model has no tokenizer: give token ids")
+        raise StageError(f"target {text!r} is text but the model has no tokenizer: give token ids")
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     # A word-level vocabulary maps unknown text to its unknown token: check the round trip.
     if len(ids) != 1 or text not in (
         tokenizer.decode(ids, skip_special_tokens=False),
         tokenizer.id_to_token(ids[0]),
     ):
-        raise ValueError(
+        raise StageError(
             f"target {text!r} is not a single token of the vocabulary (it encodes to {ids})"
         )
     if ids[0] >= vocab_size:
-        raise ValueError(
+        raise StageError(
             f"target {text!r} has id {ids[0]}, outside the model's vocabulary of {vocab_size}"
         )
     return ids[0]

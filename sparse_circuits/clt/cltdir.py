@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingInputError, StageError
 from ..io import load_tensors, read_json, save_tensors, write_json
 from .model import CLTConfig, CrossLayerTranscoder
 
@@ -35,7 +36,7 @@ def fold_normalization(
     """
     missing = [n for n in STAT_NAMES if n not in stats]
     if missing:
-        raise ValueError(f"normalisation stats lack {missing}")
+        raise StageError(f"normalisation stats lack {missing}")
     L, M = clt.cfg.n_layers, clt.cfg.d_model
     f64 = {n: stats[n].detach().to("cpu", torch.float64) for n in STAT_NAMES}
     for n, shape in (
@@ -45,7 +46,7 @@ def fold_normalization(
         ("targets_scale", (L,)),
     ):
         if tuple(f64[n].shape) != shape:
-            raise ValueError(
+            raise StageError(
                 f"stat {n} has shape {tuple(f64[n].shape)}, expected {shape} for this CLT"
             )
     mu, s, nu, t = (
@@ -86,7 +87,7 @@ def save_clt(
     `info` (JSON) rides along in config.json (hooks, the activation store, ...)."""
     cfg = clt.cfg
     if cfg.activation in ("topk", "batchtopk"):
-        raise ValueError(
+        raise StageError(
             f"the circuit-tracer layout has no {cfg.activation} activation; convert with "
             "CrossLayerTranscoder.to_jumprelu(inputs) first"
         )
@@ -122,18 +123,18 @@ def save_clt(
 def read_clt_config(path: str | os.PathLike) -> CLTConfig:
     raw = read_json(Path(path) / "config.json")
     if raw.get("format") != FORMAT:
-        raise ValueError(f"{path}/config.json is not a sparse-circuits CLT config")
+        raise StageError(f"{path}/config.json is not a sparse-circuits CLT config")
     try:
         return CLTConfig(**raw["clt"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}/config.json: bad 'clt' section: {e}") from e
+        raise StageError(f"{path}/config.json: bad 'clt' section: {e}") from e
 
 
 def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
     """Read a CLT dir back (built on the meta device, weights assigned)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"CLT directory {path} does not exist")
+        raise MissingInputError(f"CLT directory {path} does not exist")
     cfg = read_clt_config(path)
     L, F, M = cfg.n_layers, cfg.d_features, cfg.d_model
     W_enc, b_enc, b_dec, thresholds, state = [], [], [], [], {}
@@ -153,7 +154,7 @@ def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu") -> Cro
         W = dec[f"W_dec_{i}"]
         K = cfg.decoder_layers[i]
         if K < W.shape[1] and W[:, K:].any():
-            raise ValueError(
+            raise StageError(
                 f"{dec_file}: a per-layer transcoder with nonzero decoders to later layers"
             )
         state[f"W_dec.{i}"] = W[:, :K].float().contiguous()
@@ -169,8 +170,8 @@ def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu") -> Cro
 
 def _expect(tensors: dict[str, torch.Tensor], name: str, shape: tuple, source: Path) -> None:
     if name not in tensors:
-        raise ValueError(f"{source}: missing tensor {name}")
+        raise StageError(f"{source}: missing tensor {name}")
     if tuple(tensors[name].shape) != shape:
-        raise ValueError(
+        raise StageError(
             f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
         )

@@ -28,7 +28,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..config import resolve_device
+from ..config import DEVICE_HELP, Device, resolve_device
+from ..errors import StageError
 from ..io import read_json, write_json
 from ..progress import progress_bar
 from ..sparse_attention.data import DataSpec, load_token_data
@@ -79,7 +80,7 @@ def load_tokens(
         seqs = read_tokens_file(source.tokens_file)
         if source.context_length is not None:
             if seqs.shape[1] < source.context_length:
-                raise ValueError(
+                raise StageError(
                     f"{source.tokens_file}: sequences of {seqs.shape[1]} tokens are shorter than "
                     f"the context length {source.context_length}"
                 )
@@ -98,13 +99,13 @@ def load_tokens(
         seqs, targets = seqs[: source.sequences], targets[: source.sequences]
     cfg = model.cfg
     if seqs.numel() == 0:
-        raise ValueError("the data gives no sequence to evaluate on")
+        raise StageError("the data gives no sequence to evaluate on")
     if seqs.shape[1] > cfg.context_length:
-        raise ValueError(
+        raise StageError(
             f"sequences of {seqs.shape[1]} tokens are longer than the model's context {cfg.context_length}"
         )
     if int(seqs.max()) >= cfg.vocab_size or int(seqs.min()) < 0:
-        raise ValueError(
+        raise StageError(
             f"token ids must lie in [0, {cfg.vocab_size}); the data has {int(seqs.min())}..{int(seqs.max())}"
         )
     return seqs.long(), targets.long()
@@ -131,7 +132,7 @@ class EvalCLTConfig(TokenSource, StoreAccess):
     dense_threshold: float = Field(
         0.1, gt=0, le=1, description="A feature active on more than this fraction of rows is dense."
     )
-    device: str = Field("auto", description="Torch device; auto picks cuda when present.")
+    device: Device = Field("auto", description=DEVICE_HELP)
 
 
 # ----------------------------------------------------------------------------- accumulators
@@ -167,7 +168,7 @@ class ReconstructionStats:
 
     def metrics(self, dense_threshold: float) -> dict:
         if self.rows == 0:
-            raise ValueError("no rows to evaluate the reconstruction on")
+            raise StageError("no rows to evaluate the reconstruction on")
         var = self.sq - self.sum.pow(2).sum(-1) / self.rows  # L: Σ_r ||y_r - ȳ||²
         l0_per_layer = (self.fired.sum(-1).double() / self.rows).tolist()
         frequency = self.fired.double() / self.rows  # L,F
@@ -207,7 +208,7 @@ class SpliceStats:
 
     def metrics(self) -> dict:
         if self.positions == 0:
-            raise ValueError("the data scores no position (every target is -100)")
+            raise StageError("the data scores no position (every target is -100)")
         n = self.positions
         return {
             "spliced_ce_delta": (self.ce_spliced - self.ce_original) / n,
@@ -292,7 +293,7 @@ def evaluate_store(
         url, STORE_BATCH_ROWS, storage_options=storage_options, normalize=False, device=device
     )
     if (loader.n_layers, loader.d_model) != (clt.cfg.n_layers, clt.cfg.d_model):
-        raise ValueError(
+        raise StageError(
             f"{url} holds {loader.n_layers} layers of d_model {loader.d_model}, but the CLT has "
             f"{clt.cfg.n_layers} layers of d_model {clt.cfg.d_model}"
         )

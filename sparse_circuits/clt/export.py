@@ -23,6 +23,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import StageError
 from ..io import atomic_dir, atomic_path, read_json, save_tensors, write_json
 from .cltdir import load_clt
 from .model import CrossLayerTranscoder
@@ -60,7 +61,7 @@ def check_folded(info: dict, source: Path) -> None:
     if info.get("normalization_folded"):
         return
     if info.get("activations") is not None:
-        raise ValueError(
+        raise StageError(
             f"{source}/config.json: the CLT was trained on normalised activations of "
             f"{info['activations'].get('url', 'a store')} but its normalisation is not folded into "
             "the weights; save it with save_clt(clt, out, stats=store stats) first"
@@ -102,9 +103,9 @@ def export(config: ExportConfig) -> Path:
     """Write config.clt in circuit-tracer's layout to config.out; return config.out."""
     source, out = Path(config.clt), Path(config.out)
     if source.resolve() == out.resolve():
-        raise ValueError(f"--out {out} is the CLT dir itself; choose another directory")
+        raise StageError(f"--out {out} is the CLT dir itself; choose another directory")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_previous_export(out))):
-        raise ValueError(
+        raise StageError(
             f"output {out} exists and holds something other than a CLT export; choose a new --out"
         )
     clt = load_clt(source)  # checks every file, name and shape
@@ -112,12 +113,16 @@ def export(config: ExportConfig) -> Path:
     check_folded(info, source)
     for name, p in clt.named_parameters():
         if not torch.isfinite(p).all():
-            raise ValueError(f"{source}: parameter {name} holds NaN or infinite values")
-    model_name = config.model_name or (info.get("activations") or {}).get("attrs", {}).get("model")
+            raise StageError(f"{source}: parameter {name} holds NaN or infinite values")
+    recorded = (info.get("activations") or {}).get("attrs", {})
+    model_name = config.model_name or recorded.get("model")
     if not model_name:
-        raise ValueError(f"{source}/config.json records no model; pass --model-name")
+        raise StageError(f"{source}/config.json records no model; pass --model-name")
+    if config.model_name is None and Path(model_name).exists():
+        model_name = str(Path(model_name).resolve())  # a local dir: its absolute location
     yaml_config = {
         "model_name": model_name,
+        **({"model_sha256": recorded["model_sha256"]} if "model_sha256" in recorded else {}),
         "model_kind": MODEL_KIND,
         "feature_input_hook": INPUT_HOOK,
         "feature_output_hook": OUTPUT_HOOK,

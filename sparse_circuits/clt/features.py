@@ -39,11 +39,13 @@ from tokenizers import Tokenizer
 from zarr.storage import LocalStore
 
 from .. import __version__
-from ..config import resolve_device
+from ..config import DEVICE_HELP, Device, resolve_device
+from ..errors import MissingInputError, StageError
 from ..io import atomic_dir
 from ..progress import progress_bar
 from ..sparse_attention.hooks import capture, hooks
 from ..sparse_attention.model import LayerNorm, Transformer
+from ..sparse_attention.modeldir import load_tokenizer
 from .evaluate import TokenSource, load_pair, load_tokens
 from .harvest import bos_mask
 from .model import CrossLayerTranscoder
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 FORMAT = "sparse-circuits-features"
 FORMAT_VERSION = 1
 FEATURES_DIR = "features"
+TOKENIZER_FILE = "tokenizer.json"  # the model's, beside the arrays: token ids read as text
 LOGIT_METHOD = (
     "direct logit effect: decoders summed over target layers, through the final norm's linear "
     "part (centring, weight; no per-token scale, no bias) and the unembedding"
@@ -73,13 +76,13 @@ class FeatureStatsConfig(TokenSource):
     window: int = Field(8, ge=0, description="Tokens kept on each side of a top activation.")
     histogram_bins: int = Field(32, gt=0, description="Histogram bins (a power of two).")
     n_logits: int = Field(10, gt=0, description="Top and bottom output logits kept per feature.")
-    device: str = Field("auto", description="Torch device; auto picks cuda when present.")
+    device: Device = Field("auto", description=DEVICE_HELP)
 
     @field_validator("histogram_bins")
     @classmethod
     def _power_of_two(cls, bins: int) -> int:
         if bins & (bins - 1):
-            raise ValueError(f"histogram_bins must be a power of two, got {bins}")
+            raise StageError(f"histogram_bins must be a power of two, got {bins}")
         return bins
 
 
@@ -267,9 +270,14 @@ def accumulate(
 # ----------------------------------------------------------------------------- storage
 
 
-def write_features(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> Path:
-    """One zarr v3 group, built beside `path` and swapped in whole."""
+def write_features(
+    path: Path, arrays: dict[str, np.ndarray], attrs: dict, tokenizer: Tokenizer | None = None
+) -> Path:
+    """One zarr v3 group, built beside `path` and swapped in whole; with the model's tokenizer
+    beside the arrays, so that read_feature gives every token's text."""
     with atomic_dir(path) as tmp:
+        if tokenizer is not None:
+            (tmp / TOKENIZER_FILE).write_text(tokenizer.to_str())
         group = zarr.create_group(LocalStore(tmp), zarr_format=3, attributes=attrs)
         for name, a in arrays.items():
             F, rest = a.shape[1], a.shape[2:]  # L,F,...: one shard per layer
@@ -283,16 +291,16 @@ def write_features(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> Pa
 def open_features(clt_dir: str | os.PathLike) -> zarr.Group:
     path = Path(clt_dir) / FEATURES_DIR
     if not (path / "zarr.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no feature statistics at {path}; compute them with `sparse-circuits feature-stats --clt {clt_dir} --model M`"
         )
     group = zarr.open_group(LocalStore(path, read_only=True), mode="r", zarr_format=3)
     if group.attrs.get("format") != FORMAT:
-        raise ValueError(
+        raise StageError(
             f"{path} is a zarr group but not feature statistics (attrs['format'] != {FORMAT!r})"
         )
     if group.attrs.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise StageError(
             f"{path} has format version {group.attrs.get('format_version')}; this code reads {FORMAT_VERSION}"
         )
     return group
@@ -301,14 +309,18 @@ def open_features(clt_dir: str | os.PathLike) -> zarr.Group:
 def read_feature(
     clt_dir: str | os.PathLike, layer: int, index: int, tokenizer: Tokenizer | None = None
 ) -> dict:
-    """One feature's statistics, reading only its own chunks. With `tokenizer`, tokens are decoded too."""
+    """One feature's statistics, reading only its own chunks. Tokens are decoded too (as
+    `strings`, `token`) with `tokenizer`, or else with the one stored with the statistics."""
     group = open_features(clt_dir)
+    stored = Path(clt_dir) / FEATURES_DIR / TOKENIZER_FILE
+    if tokenizer is None and stored.is_file():
+        tokenizer = Tokenizer.from_file(str(stored))
     attrs = group.attrs
     L, F = attrs["n_layers"], attrs["d_features"]
     if not 0 <= layer < L:
-        raise ValueError(f"layer {layer} is out of range: the CLT has {L} layers (0..{L - 1})")
+        raise StageError(f"layer {layer} is out of range: the CLT has {L} layers (0..{L - 1})")
     if not 0 <= index < F:
-        raise ValueError(
+        raise StageError(
             f"feature {index} is out of range: layer {layer} has {F} features (0..{F - 1})"
         )
 
@@ -373,7 +385,9 @@ def feature_stats(config: FeatureStatsConfig) -> Path:
         "data": str(config.tokens_file) if config.tokens_file else f"model data, {config.split} split",
         "include_bos": config.include_bos,
     }  # fmt: skip
-    out = write_features(Path(config.clt) / FEATURES_DIR, arrays, attrs)
+    out = write_features(
+        Path(config.clt) / FEATURES_DIR, arrays, attrs, tokenizer=load_tokenizer(config.model)
+    )
     log.info(
         "feature statistics of %d features over %d tokens in %s", clt.num_features, acc.rows, out
     )

@@ -24,8 +24,9 @@ import torch
 import zarr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import resolve_device
-from ..io import read_json
+from ..config import DEVICE_HELP, Device, resolve_device
+from ..errors import MissingInputError, StageError
+from ..io import acquire_lock, read_json
 from ..progress import progress_bar
 from ..sparse_attention.data import DATA_FILE, DataSpec, load_token_data
 from ..sparse_attention.hooks import capture, hooks
@@ -77,7 +78,7 @@ class DataSource(BaseModel):
     def _one_data_source(self) -> DataSource:
         given = [n for n in ("data", "corpus", "tokens_file") if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ValueError(f"give at most one data source; got {', '.join(given)}")
+            raise StageError(f"give at most one data source; got {', '.join(given)}")
         return self
 
 
@@ -127,7 +128,7 @@ class HarvestConfig(DataSource, StoreAccess):
         4, gt=0, description="Shards whose rows are permuted together (the write buffer)."
     )
     seed: int = Field(0, description="Seeds the sequence order and the row shuffle.")
-    device: str = Field("auto", description="Torch device; auto picks cuda when present.")
+    device: Device = Field("auto", description=DEVICE_HELP)
 
 
 class StoreURL(str):
@@ -161,11 +162,11 @@ def load_sequences(config: HarvestConfig, model: Transformer) -> torch.Tensor:
     seqs = read_tokens_file(config.tokens_file)
     T = config.context_length or min(seqs.shape[1], model.cfg.context_length)
     if T > model.cfg.context_length:
-        raise ValueError(
+        raise StageError(
             f"context length {T} is longer than the model's {model.cfg.context_length}"
         )
     if seqs.shape[1] < T:
-        raise ValueError(
+        raise StageError(
             f"{config.tokens_file}: sequences of {seqs.shape[1]} tokens are shorter than the context length {T}"
         )
     per_row = seqs.shape[1] // T  # cut longer rows into whole contexts
@@ -174,20 +175,24 @@ def load_sequences(config: HarvestConfig, model: Transformer) -> torch.Tensor:
 
 def read_tokens_file(path: Path) -> torch.Tensor:
     if not path.is_file():
-        raise FileNotFoundError(f"tokens file {path} does not exist")
-    if path.suffix == ".npy":
-        seqs = torch.from_numpy(np.load(path, allow_pickle=False))
-    elif path.suffix == ".pt":
-        seqs = torch.load(path, weights_only=True)
-    else:
-        raise ValueError(f"tokens file {path} must be .npy or .pt")
+        raise MissingInputError(f"tokens file {path} does not exist")
+    if path.suffix not in (".npy", ".pt"):
+        raise StageError(f"tokens file {path} must be .npy or .pt")
+    try:
+        if path.suffix == ".npy":
+            seqs = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:  # tensors only: a pickled object is refused, never run
+            seqs = torch.load(path, weights_only=True)
+    except Exception as e:  # numpy and torch raise many types for pickles and torn files
+        detail = " ".join(str(e).split())[:200]
+        raise StageError(f"tokens file {path} holds no plain integer array: {detail}") from None
     if (
         not isinstance(seqs, torch.Tensor)
         or seqs.ndim != 2
         or seqs.dtype.is_floating_point
         or seqs.dtype == torch.bool
     ):
-        raise ValueError(f"tokens file {path} must hold one integer array [n_seq, T]")
+        raise StageError(f"tokens file {path} must hold one integer array [n_seq, T]")
     return seqs.long()
 
 
@@ -413,14 +418,14 @@ def harvest(config: HarvestConfig) -> StoreURL:
     cfg = model.cfg
     seqs = load_sequences(config, model)
     if int(seqs.max()) >= cfg.vocab_size or int(seqs.min()) < 0:
-        raise ValueError(
+        raise StageError(
             f"token ids must lie in [0, {cfg.vocab_size}); the data has {int(seqs.min())}..{int(seqs.max())}"
         )
     keep = bos_mask(seqs, cfg.bos_token_id, config.include_bos)
     available = int(keep.sum())
     rows_total = config.tokens or available
     if rows_total > available:
-        raise ValueError(
+        raise StageError(
             f"asked for {rows_total} rows but the data gives {available} ({seqs.shape[0]} sequences of {seqs.shape[1]})"
         )
     shard_rows, chunk_rows = default_layout(cfg.n_layers, cfg.d_model, config.shard_rows)
@@ -428,7 +433,7 @@ def harvest(config: HarvestConfig) -> StoreURL:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "generator": generator(),
-        "model": str(config.model),
+        "model": str(Path(config.model).resolve()),  # means the same from any directory
         "model_sha256": model_hash,
         "hooks": HOOKS,
         "context_length": int(seqs.shape[1]),
@@ -444,6 +449,11 @@ def harvest(config: HarvestConfig) -> StoreURL:
         "rows_total": rows_total,
     }
     url = config.out
+    if not is_remote(url):  # one writer at a time (a lock beside the store: zarr lists its dir)
+        local = Path(url.removeprefix("file://"))
+        if local.exists() and not local.is_dir():
+            raise StageError(f"output {local} is a file; --out names the store's directory")
+        acquire_lock(local.with_name(f".{local.name}.lock"))
     group = open_or_create(url, config.fsspec_options(), attrs)
     if group.attrs.get("complete"):
         log.info("%s is already complete (%d rows)", url, rows_total)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import zarr
 
+from ..errors import StageError
 from .store import (
     StoreError,
     from_stored,
@@ -106,11 +107,11 @@ class ActivationLoader:
         start_batch: begin at this batch of the whole (multi-epoch) stream, unread before it.
         """
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise StageError(f"batch_size must be positive, got {batch_size}")
         if epochs is not None and epochs <= 0:
-            raise ValueError(f"epochs must be positive or None, got {epochs}")
+            raise StageError(f"epochs must be positive or None, got {epochs}")
         if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+            raise StageError(f"start_batch must be >= 0, got {start_batch}")
         self.url = url
         self.group: zarr.Group = open_store(url, storage_options, allow_incomplete=allow_incomplete)
         attrs = self.group.attrs
@@ -128,10 +129,10 @@ class ActivationLoader:
         if world_size is None:
             world_size = torch.distributed.get_world_size() if dist else 1
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+            raise StageError(f"rank {rank} is outside world_size {world_size}")
         n_shards = math.ceil(self.n_rows / self.shard_rows)
         if world_size > n_shards:
-            raise ValueError(
+            raise StageError(
                 f"{url} has {n_shards} shards, fewer than world_size {world_size}: some ranks would get "
                 "no rows; harvest with smaller --shard-rows"
             )

@@ -36,6 +36,7 @@ from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
 from .. import __version__
+from ..errors import StageError
 
 FORMAT = "sparse-circuits-activations"
 FORMAT_VERSION = 1
@@ -57,7 +58,7 @@ CHUNK_TARGET_BYTES = 2 << 20
 SHARD_TARGET_BYTES = 64 << 20
 
 
-class StoreError(ValueError):
+class StoreError(StageError):
     """A store that is missing, incomplete, corrupt, or holds other activations than asked for."""
 
 
@@ -84,6 +85,12 @@ def open_group_or_none(store) -> zarr.Group | None:
         return zarr.open_group(store, mode="r" if store.read_only else "r+", zarr_format=3)
     except (GroupNotFoundError, FileNotFoundError):
         return None
+
+
+def store_complete(url: str, storage_options: dict | None = None) -> bool:
+    """Whether `url` holds a finished harvest (its `complete` attribute is set last)."""
+    group = open_group_or_none(zarr_store(url, storage_options))
+    return bool(group is not None and group.attrs.get("complete"))
 
 
 def store_keys(store, prefix: str = "") -> list[str]:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from pydantic import ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import resolve_device
+from ..config import Device, resolve_device
 from ..io import (
     append_jsonl,
     claim_run_dir,
@@ -68,7 +68,14 @@ log = logging.getLogger(__name__)
 STAGE = "train-clt"
 # Fields that change how a run is executed, not what it computes: a resumed run may differ in them.
 # Where the store is reached (and its credentials) is no part of a run's identity, and never saved.
-OPERATIONAL_FIELDS = {"device", "resume", "log_every", "endpoint_url", "storage_options"}
+OPERATIONAL_FIELDS = {
+    "device",
+    "resume",
+    "log_every",
+    "endpoint_url",
+    "storage_options",
+    "checkpoint_minutes",
+}
 
 # batches(start) -> this rank's (inputs, targets) of global batches start, start + 1, ...
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -157,8 +164,11 @@ class TrainCLTConfig(StoreAccess):
     )
     seed: int = Field(0, description="Seed of the initialisation and the loader's shuffle.")
     checkpoint_every: int = Field(500, gt=0, description="Steps between checkpoints.")
+    checkpoint_minutes: float = Field(
+        5.0, gt=0, description="Also checkpoint once this many minutes passed since the last one."
+    )
     log_every: int = Field(1, gt=0, description="Steps between metrics.jsonl lines.")
-    device: str = Field(
+    device: Device = Field(
         "auto",
         description="auto (cuda if present), cpu, cuda, cuda:N; torchrun ranks use cuda:LOCAL_RANK.",
     )
@@ -389,6 +399,7 @@ class _Trainer:
         return tensors
 
     def save(self) -> None:
+        self.last_checkpoint = time.monotonic()
         if self.rank == 0:
             save_checkpoint(
                 self.ckpt_root,
@@ -447,7 +458,8 @@ class _Trainer:
             if self.step >= self.steps:
                 break
             self.train_step(inputs, targets)
-            if self.step % self.config.checkpoint_every == 0 or self.step == self.steps:
+            due = time.monotonic() - self.last_checkpoint >= 60 * self.config.checkpoint_minutes
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.steps or due:
                 self.save()
         self.bar.close()
         if self.step < self.steps:  # a finite source shorter than `steps`
@@ -470,6 +482,7 @@ class _Trainer:
             dynamic_ncols=True,
         )
         self.t0 = time.perf_counter()
+        self.last_checkpoint = time.monotonic()
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """One optimiser step on this rank's batch, with its counters and metrics line."""
@@ -578,7 +591,9 @@ class _Trainer:
             keys = ("fvu", "l0", "l0_total", "fvu_per_layer", "l0_per_layer", "eval_tokens")
             metrics |= {f"{k}_before_conversion": metrics[k] for k in keys} | converted
         if self.rank == 0:
-            save_clt(clt, self.out, stats=stats, info=info)
+            save_clt(
+                clt, self.out, stats=stats, info={**info, "trained_as": self.model.cfg.activation}
+            )
             write_json(self.out / "metrics.json", metrics)  # last: it marks the run finished
 
     def _held_out(self, batches: Batches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from ..errors import MissingInputError, StageError
 from ..io import read_json
 from .model import ModelConfig, Transformer, rope_inverse_frequencies
 
@@ -163,7 +164,7 @@ TABLES = {"gpt2": GPT2_KEYS, "llama": LLAMA_KEYS, "qwen2": LLAMA_KEYS}
 
 def _need(raw: dict, key: str, source: Path):
     if raw.get(key) is None:
-        raise ValueError(f"{source} lacks the required key {key!r}")
+        raise StageError(f"{source} lacks the required key {key!r}")
     return raw[key]
 
 
@@ -176,7 +177,7 @@ def _token_id(value) -> int | None:
 
 def _activation(name: str, source: Path) -> str:
     if name not in ACTIVATIONS:
-        raise ValueError(
+        raise StageError(
             f"{source}: unsupported activation {name!r} (supported: {sorted(ACTIVATIONS)})"
         )
     return ACTIVATIONS[name]
@@ -194,21 +195,21 @@ def _rope(raw: dict, source: Path) -> tuple[float, dict | None]:
     if kind == "default":
         return theta, None
     if kind != "llama3":
-        raise ValueError(f"{source}: unsupported RoPE type {kind!r} (supported: default, llama3)")
+        raise StageError(f"{source}: unsupported RoPE type {kind!r} (supported: default, llama3)")
     fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [f for f in fields if f not in params]
     if missing:
-        raise ValueError(f"{source}: llama3 RoPE scaling lacks {missing}")
+        raise StageError(f"{source}: llama3 RoPE scaling lacks {missing}")
     return theta, {"rope_type": "llama3", **{f: params[f] for f in fields}}
 
 
 def _gpt2_fields(raw: dict, source: Path) -> dict:
     if not raw.get("scale_attn_weights", True) or raw.get("scale_attn_by_inverse_layer_idx", False):
-        raise ValueError(
+        raise StageError(
             f"{source}: GPT-2 attention without the 1/sqrt(d) scale, or scaled by layer, is not supported"
         )
     if raw.get("add_cross_attention", False):
-        raise ValueError(f"{source}: GPT-2 with cross-attention is not a decoder-only model")
+        raise StageError(f"{source}: GPT-2 with cross-attention is not a decoder-only model")
     d_model = _need(raw, "n_embd", source)
     return dict(
         family="gpt2",
@@ -228,11 +229,11 @@ def _gpt2_fields(raw: dict, source: Path) -> dict:
 def _llama_fields(raw: dict, model_type: str, source: Path) -> dict:
     # Options our Llama block does not have: refuse them rather than import a different model.
     if raw.get("attention_bias", False):
-        raise ValueError(f"{source}: attention_bias=true (a bias on o_proj) is not supported")
+        raise StageError(f"{source}: attention_bias=true (a bias on o_proj) is not supported")
     if raw.get("mlp_bias", False):
-        raise ValueError(f"{source}: mlp_bias=true is not supported")
+        raise StageError(f"{source}: mlp_bias=true is not supported")
     if raw.get("use_sliding_window", False):
-        raise ValueError(f"{source}: sliding-window attention is not supported")
+        raise StageError(f"{source}: sliding-window attention is not supported")
     theta, scaling = _rope(raw, source)
     n_heads = _need(raw, "num_attention_heads", source)
     d_model = _need(raw, "hidden_size", source)
@@ -262,13 +263,13 @@ def hf_model_config(
     source = Path(source)
     model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ValueError(
+        raise StageError(
             f"{source}: unsupported model_type {model_type!r} (supported: {sorted(ARCHITECTURES)})"
         )
     architectures = raw.get("architectures") or []
     unknown = [a for a in architectures if a not in ARCHITECTURES[model_type]]
     if unknown:
-        raise ValueError(
+        raise StageError(
             f"{source}: unsupported architecture {unknown[0]!r} for model_type {model_type!r} "
             f"(supported: {sorted(ARCHITECTURES[model_type])})"
         )
@@ -284,7 +285,7 @@ def hf_model_config(
     try:
         return ModelConfig(**fields), model_type
     except ValidationError as e:
-        raise ValueError(f"{source}: {e}") from e
+        raise StageError(f"{source}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- weights
@@ -296,11 +297,11 @@ def weight_files(path: Path) -> list[Path]:
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no weight_map")
+            raise StageError(f"{index} has no weight_map")
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
+            raise MissingInputError(f"{index} names shards that do not exist: {missing}")
         return files
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
@@ -310,7 +311,7 @@ def weight_files(path: Path) -> list[Path]:
     hint = ""
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         hint = "; pickled weights (*.bin, *.pt) are not loaded, convert them to safetensors"
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"no safetensors weights in {path}: expected model.safetensors or model.safetensors.index.json{hint}"
     )
 
@@ -325,7 +326,7 @@ def _read_weights(
         try:
             handle = safe_open(str(file), framework="pt")
         except Exception as e:  # safetensors raises its own types for truncated or corrupt files
-            raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+            raise StageError(f"{file} is not a readable safetensors file: {e}") from e
         with handle as f:
             for name in f.keys():
                 found = table.lookup(name)
@@ -345,7 +346,7 @@ def _read_weights(
                 want = want[::-1] if transposed else want
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != want:
-                    raise ValueError(f"{file}: tensor {name} has shape {shape}, expected {want}")
+                    raise StageError(f"{file}: tensor {name} has shape {shape}, expected {want}")
                 tensor = f.get_tensor(name)
                 if transposed:
                     tensor = tensor.T.contiguous()
@@ -354,7 +355,7 @@ def _read_weights(
                     # clone splits: tensors sharing storage cannot be saved to safetensors later
                     state[o] = part.clone() if len(ours) > 1 else part
     if unexpected:
-        raise ValueError(
+        raise StageError(
             f"{files[0].parent}: unexpected tensors {sorted(unexpected)[:5]} (wrong family or layer count?)"
         )
     return state
@@ -369,7 +370,7 @@ def import_hf_checkpoint(
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise MissingInputError(f"checkpoint directory {path} does not exist")
     cfg, model_type = hf_model_config(read_json(path / "config.json"), path / "config.json")
     table = TABLES[model_type]
     with torch.device("meta"):
@@ -386,7 +387,7 @@ def import_hf_checkpoint(
         if all(o in expected for o in ours) and any(o not in state for o in ours)
     ]
     if missing:
-        raise ValueError(
+        raise StageError(
             f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     dtype = dtype or state["embed.weight"].dtype
@@ -407,4 +408,4 @@ def _load_tokenizer(path: Path) -> Tokenizer | None:
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-        raise ValueError(f"{file} is not a readable tokenizers file: {e}") from e
+        raise StageError(f"{file} is not a readable tokenizers file: {e}") from e

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..errors import MissingInputError, StageError
 from ..io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def stdlib_source_files() -> list[Path]:
         p for p in root.rglob("*.py") if not _EXCLUDED_STDLIB_DIRS & set(p.relative_to(root).parts)
     )
     if not files:
-        raise FileNotFoundError(f"no Python source files under the standard library folder {root}")
+        raise MissingInputError(f"no Python source files under the standard library folder {root}")
     return files
 
 
@@ -115,11 +116,11 @@ def _expand(corpus: list[str]) -> list[Path] | str:
         elif len(corpus) == 1 and "/" in entry and not entry.startswith((".", "/")):
             return entry  # a hub dataset name such as "user/name"
         else:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"corpus entry {entry!r} is neither a file, a folder, a glob nor 'stdlib'"
             )
     if not files:
-        raise ValueError(f"corpus {corpus} holds no readable files (looked for {sorted(_LOADERS)})")
+        raise StageError(f"corpus {corpus} holds no readable files (looked for {sorted(_LOADERS)})")
     return files
 
 
@@ -147,13 +148,13 @@ def load_texts(corpus: list[str], text_field: str = "text") -> list[str]:
             else:
                 ds = datasets.load_dataset(loader, data_files=paths, split="train")
                 if text_field not in ds.column_names:
-                    raise ValueError(
+                    raise StageError(
                         f"{paths[0]}: no column {text_field!r} (columns: {ds.column_names})"
                     )
                 texts += ds[text_field]
     texts = [t for t in texts if t and t.strip()]
     if not texts:
-        raise ValueError(f"corpus {corpus} is empty: no non-blank document")
+        raise StageError(f"corpus {corpus} is empty: no non-blank document")
     return texts
 
 
@@ -186,7 +187,7 @@ def pack(
             break
     n = len(ids) // (context_length + 1)
     if n == 0:
-        raise ValueError(
+        raise StageError(
             f"corpus has {len(ids)} tokens, fewer than one sequence of context length {context_length} + 1"
         )
     return torch.tensor(np.asarray(ids[: n * (context_length + 1)], dtype=np.int64)).view(
@@ -200,7 +201,7 @@ def split_heldout(
     order = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(seed))
     n_held = max(1, int(round(fraction * seqs.shape[0])))
     if n_held >= seqs.shape[0]:
-        raise ValueError(
+        raise StageError(
             f"only {seqs.shape[0]} sequences: too few to hold {fraction:.0%} out for evaluation"
         )
     return seqs[order[n_held:]], seqs[order[:n_held]]
@@ -208,7 +209,7 @@ def split_heldout(
 
 def text_data(spec: DataSpec, tokenizer: Tokenizer) -> TokenData:
     if spec.context_length is None:
-        raise ValueError("a text corpus needs a context_length")
+        raise StageError("a text corpus needs a context_length")
     seqs = pack(
         load_texts(spec.corpus, spec.text_field), tokenizer, spec.context_length, spec.max_tokens
     )
@@ -221,13 +222,13 @@ def text_data(spec: DataSpec, tokenizer: Tokenizer) -> TokenData:
 
 def build_data(spec: DataSpec, tokenizer: Tokenizer | None = None) -> TokenData:
     if (spec.task is None) == (spec.corpus is None):
-        raise ValueError("data needs exactly one of `task` and `corpus`")
+        raise StageError("data needs exactly one of `task` and `corpus`")
     if spec.task == "addition":
         from .toy import addition_data  # noqa: PLC0415  (toy and data import each other's types)
 
         return addition_data(spec)
     if tokenizer is None:
-        raise ValueError("text data needs the model's tokenizer (tokenizer.json in the model dir)")
+        raise StageError("text data needs the model's tokenizer (tokenizer.json in the model dir)")
     return text_data(spec, tokenizer)
 
 
@@ -244,7 +245,7 @@ def load_token_data(
     model_dir = Path(model_dir)
     if data is None:
         if not (model_dir / DATA_FILE).is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{model_dir} records no training data ({DATA_FILE}); pass the data explicitly"
             )
         data = DataSpec(**read_json(model_dir / DATA_FILE))
@@ -256,7 +257,7 @@ def load_token_data(
         and data.context_length is not None
         and data.context_length > cfg.context_length
     ):
-        raise ValueError(
+        raise StageError(
             f"context length {data.context_length} is longer than the model's {cfg.context_length}"
         )
     return build_data(data, load_tokenizer(model_dir))

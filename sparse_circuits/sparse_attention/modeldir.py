@@ -15,7 +15,9 @@ import torch
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
-from ..io import load_tensors, read_json, save_tensors, write_json
+from ..config import validation_message
+from ..errors import MissingInputError, StageError
+from ..io import atomic_path, load_tensors, read_json, save_tensors, write_json
 from .model import ModelConfig, Transformer, rope_inverse_frequencies
 
 FORMAT = "sparse-circuits-model"
@@ -36,11 +38,10 @@ def save_model(
     }
     save_tensors(out / "model.safetensors", state, metadata={"format": FORMAT})
     if tokenizer is not None:
-        with open(out / ".tokenizer.json.tmp", "w") as f:
-            f.write(tokenizer.to_str())
-        os.replace(out / ".tokenizer.json.tmp", out / "tokenizer.json")
+        with atomic_path(out / "tokenizer.json") as tmp:
+            tmp.write_text(tokenizer.to_str())
     write_json(out / "config.json", {"format": FORMAT, **model.cfg.model_dump(mode="json")})
-    if metrics is not None:
+    if metrics is not None:  # last: a stage that writes more files writes metrics.json itself
         write_json(out / "metrics.json", metrics)
     return out
 
@@ -53,17 +54,24 @@ def is_own_model_dir(path: str | os.PathLike) -> bool:
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     raw = read_json(Path(path) / "config.json")
     if raw.get("format") != FORMAT:
-        raise ValueError(f"{path}/config.json is not a sparse-circuits model config")
+        raise StageError(f"{path}/config.json is not a sparse-circuits model config")
     raw = {k: v for k, v in raw.items() if k != "format"}
     try:
         return ModelConfig(**raw)
     except ValidationError as e:
-        raise ValueError(f"{path}/config.json: {e}") from e
+        raise StageError(f"{path}/config.json: {validation_message(e)}") from None
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     file = Path(path) / "tokenizer.json"
-    return Tokenizer.from_file(str(file)) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        raise StageError(
+            f"{file} is not a readable tokenizer: {' '.join(str(e).split())}"
+        ) from None
 
 
 def load_model(
@@ -71,8 +79,10 @@ def load_model(
 ) -> tuple[Transformer, Tokenizer | None]:
     """Load our model dir, or import a Hugging Face checkpoint dir."""
     path = Path(path)
+    if path.is_file():
+        raise StageError(f"{path} is a file; give the model's directory (the one with config.json)")
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+        raise MissingInputError(f"model directory {path} does not exist")
     raw = read_json(path / "config.json")
     if raw.get("format") != FORMAT:
         from .checkpoint import import_hf_checkpoint  # noqa: PLC0415  (HF import only when needed)
@@ -97,12 +107,12 @@ def load_state_strict(model: Transformer, state: dict[str, torch.Tensor], source
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise StageError(
             f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
         )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(
+            raise StageError(
                 f"{source}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
             )
     model.load_state_dict(state, strict=False, assign=True)

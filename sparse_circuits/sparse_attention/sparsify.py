@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from ..config import resolve_device
+from ..errors import StageError
 from ..io import claim_run_dir, load_tensors, save_tensors, write_json
 from .connectivity import evaluate
 from .data import DataSpec, TokenData, load_token_data, save_data_spec
@@ -55,12 +57,12 @@ class SparsifyConfig(OptimConfig):
     context_length: int | None = Field(
         None, gt=1, description="Context length; default: the model's data's."
     )
-    steps: int = Field(1500, gt=0)
-    batch_size: int = Field(128, gt=0)
+    steps: int = Field(1500, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(128, gt=0, description="Sequences per step.")
     lr: float = Field(
         3e-4, gt=0, description="The biggest lever: too high and the noisy-gate CE spikes."
     )
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, description="Linear learning-rate warm-up.")
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: constant after warm-up.")
     gate_offset_start: float = Field(3.0, description="Gate offset b at step 0 (gates start open).")
     gate_offset_anneal: float = Field(
@@ -69,8 +71,8 @@ class SparsifyConfig(OptimConfig):
     lambda_init: float = Field(1.0, gt=0, description="Initial Lagrange multiplier on CE − τ.")
     lambda_lr: float = Field(1.0, gt=0, description="η: multiplicative λ update rate.")
     lambda_ema: float = Field(0.99, ge=0, lt=1, description="EMA decay of the constraint CE − τ.")
-    lambda_min: float = Field(1e-3, gt=0)
-    lambda_max: float = Field(1e4, gt=0)
+    lambda_min: float = Field(1e-3, gt=0, description="Lower clamp of λ.")
+    lambda_max: float = Field(1e4, gt=0, description="Upper clamp of λ.")
     lambda_max_log_step: float = Field(
         0.05, gt=0, description="Largest change of log λ in one step."
     )
@@ -93,7 +95,7 @@ class SparsifyConfig(OptimConfig):
     eval_sequences: int = Field(
         512, gt=0, description="Held-out sequences for τ and the final metrics."
     )
-    eval_batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(64, gt=0, description="Sequences per evaluation forward pass.")
     select_sequences: int = Field(
         128,
         ge=0,
@@ -109,7 +111,7 @@ class SparsifyConfig(OptimConfig):
     @model_validator(mode="after")
     def _check(self) -> SparsifyConfig:
         if self.lambda_min > self.lambda_max:
-            raise ValueError("lambda_min is larger than lambda_max")
+            raise StageError("lambda_min is larger than lambda_max")
         return self
 
 
@@ -174,17 +176,17 @@ def dense_reference(
 
 
 def sparsify(cfg: SparsifyConfig) -> Path:
-    out = claim_run_dir(cfg.out, "sparsify", cfg.model_dump(mode="json"))
+    device = resolve_device(cfg.device)
+    out = claim_run_dir(cfg.out, "sparsify", cfg.model_dump(mode="json", exclude={"device"}))
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
     model, tokenizer = load_model(cfg.model, device)
     if model.cfg.gate is not None:
-        raise ValueError(
+        raise StageError(
             f"{cfg.model} is already sparsified; post-train the dense model it came from"
         )
     data = _data_for(cfg)
     if data.context_length > model.cfg.context_length:
-        raise ValueError(
+        raise StageError(
             f"context length {data.context_length} is longer than the model's {model.cfg.context_length}"
         )
     task = data.spec.task
@@ -196,7 +198,7 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     model.set_gate("off")
     dense = evaluate(model, held_x, held_y, batch_size=cfg.eval_batch_size, task=task)
     tau = tolerance(dense["loss"], cfg.tolerance_rel, cfg.tolerance_abs)
-    log.info("dense held-out CE %.4f, τ = %.4f", dense["loss"], tau)
+    log.info("dense CE on the held-out set %.4f: τ_held-out = %.4f", dense["loss"], tau)
     sample = held_x[cfg.figure_index % held_x.shape[0]].unsqueeze(0)
     dense_patterns = _patterns(model, sample)
 
@@ -217,6 +219,13 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     tau_val = (
         tolerance(dense_val["loss"], cfg.tolerance_rel, cfg.tolerance_abs) if dense_val else tau
     )
+    if dense_val:
+        log.info(
+            "dense CE on the validation set %.4f: τ_validation = %.4f (chooses the weights kept; "
+            "λ follows each training batch against its own dense CE)",
+            dense_val["loss"],
+            tau_val,
+        )
 
     def select(step: int) -> None:
         """Keep the sparsest weights that meet the constraint on the validation sequences."""
@@ -241,7 +250,7 @@ def sparsify(cfg: SparsifyConfig) -> Path:
         offset = gate_offset_at(step, start=cfg.gate_offset_start, anneal_steps=anneal_steps)
         x, y = data.batch(step, cfg.batch_size, cfg.seed)
         x, y = x.to(device), y.to(device)
-        with autocast(cfg.device):
+        with autocast(device):
             dense_out = dense_forward(x, y)
             model.set_gate("stochastic", offset)
             o = trainee(x, y)
@@ -306,7 +315,7 @@ def sparsify(cfg: SparsifyConfig) -> Path:
         )
     elif len(val_x):
         log.warning(
-            "no checkpoint kept the validation CE within τ = %.4f: the final weights are saved, "
+            "no checkpoint kept the validation CE within τ_validation = %.4f: the final weights are saved, "
             "but they miss the tolerance; rerun with more steps or a smaller --lambda-max-log-step",
             tau_val,
         )
@@ -327,7 +336,7 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     }
     if task is not None:
         metrics["dense_accuracy"] = dense["accuracy"]
-    save_model(model, out, tokenizer or data.tokenizer, metrics=metrics)
+    save_model(model, out, tokenizer or data.tokenizer)  # metrics.json last: it marks completion
     save_data_spec(out, data.spec)
     plot_attention_patterns(
         dense_patterns,
@@ -337,9 +346,10 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     )
     write_json(out / "metrics.json", metrics)
     log.info(
-        "sparse: CE %.4f (dense %.4f), connectivity %.4f, keys/query %.3f",
+        "sparse: held-out CE %.4f (dense %.4f, τ_held-out %.4f), connectivity %.4f, keys/query %.3f",
         sparse["loss"],
         dense["loss"],
+        tau,
         sparse["connectivity"],
         sparse["keys_per_query"],
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from ..errors import StageError
 from .data import DataSpec, TokenData
 
 VOCAB = ["<bos>", *"0123456789", "+", "="]
@@ -37,7 +38,7 @@ def addition_sequences() -> torch.Tensor:
 def addition_data(spec: DataSpec) -> TokenData:
     """Held-out problems are disjoint from training ones (a seeded split of all 10,000)."""
     if spec.context_length is not None and spec.context_length != SEQ_LEN - 1:
-        raise ValueError(
+        raise StageError(
             f"the addition task has context length {SEQ_LEN - 1}, not {spec.context_length}"
         )
     seqs = addition_sequences()

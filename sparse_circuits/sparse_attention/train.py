@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ..io import claim_run_dir
+from ..config import resolve_device
+from ..io import claim_run_dir, write_json
 from .connectivity import evaluate
 from .data import DataSpec, TokenData, build_data, load_texts, save_data_spec, train_bpe_tokenizer
 from .model import ModelConfig, Transformer
@@ -21,13 +22,25 @@ log = logging.getLogger(__name__)
 
 class ArchitectureFields(OptimConfig):
     family: Literal["gpt2", "llama"] = Field("gpt2", description="Model family.")
-    n_layers: int = Field(4, gt=0)
-    d_model: int = Field(128, gt=0)
-    n_heads: int = Field(4, gt=0)
+    n_layers: int = Field(4, gt=0, description="Transformer blocks.")
+    d_model: int = Field(128, gt=0, description="Residual stream width (a multiple of n_heads).")
+    n_heads: int = Field(4, gt=0, description="Attention heads per layer.")
     n_kv_heads: int | None = Field(
         None, description="Key/value heads for llama (GQA); default n_heads."
     )
-    d_mlp: int | None = Field(None, description="Default 4 * d_model.")
+    d_mlp: int | None = Field(None, gt=0, description="MLP hidden width; default 4 * d_model.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ArchitectureFields:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}: "
+                "each head gets d_model / n_heads dimensions"
+            )
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {kv}")
+        return self
 
     def model_config_for(self, vocab_size: int, context_length: int, **extra) -> ModelConfig:
         return ModelConfig(
@@ -55,10 +68,10 @@ class ToyTrainConfig(ArchitectureFields):
         lt=1,
         description="Problems held out: half reported, half for sparsify's choice of weights.",
     )
-    steps: int = Field(1500, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    steps: int = Field(1500, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(128, gt=0, description="Problems per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (warm-up, then cosine decay).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
 
 
 class PretrainConfig(ArchitectureFields):
@@ -72,10 +85,10 @@ class PretrainConfig(ArchitectureFields):
     vocab_size: int = Field(4096, gt=256, description="BPE vocabulary trained on the corpus.")
     max_tokens: int | None = Field(None, gt=0, description="Use at most this many corpus tokens.")
     text_field: str = Field("text", description="Column holding the text in JSON/parquet data.")
-    steps: int = Field(3000, gt=0)
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    steps: int = Field(3000, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(16, gt=0, description="Sequences per step.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate (warm-up, then cosine decay).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
     eval_sequences: int = Field(256, gt=0, description="Held-out sequences for the final loss.")
 
 
@@ -88,12 +101,12 @@ def _train_dense(
     eval_n: int | None = None,
 ) -> dict:
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
 
     def step_fn(step: int) -> dict[str, float]:
         x, y = data.batch(step, cfg.batch_size, cfg.seed)
-        with autocast(cfg.device):
+        with autocast(device):
             loss = model(x.to(device), y.to(device)).loss
         loss.backward()
         return {"loss": loss.item()}
@@ -101,14 +114,21 @@ def _train_dense(
     run_training(model=model, cfg=cfg, out=out, step_fn=step_fn, desc=f"train {out.name}")
     n = eval_n or data.heldout_inputs.shape[0]
     metrics = evaluate(model, data.heldout_inputs[:n], data.heldout_targets[:n], task=task)
-    save_model(model, out, data.tokenizer, metrics=metrics)
+    save_model(model, out, data.tokenizer)
     save_data_spec(out, data.spec)
+    write_json(out / "metrics.json", metrics)  # last: its presence marks the model dir complete
     log.info("held-out %s", {k: v for k, v in metrics.items() if not isinstance(v, list)})
     return metrics
 
 
+def _identity(cfg: ArchitectureFields) -> dict:
+    """What makes two runs the same run: every field but where it runs."""
+    return cfg.model_dump(mode="json", exclude={"device"})
+
+
 def train_toy(cfg: ToyTrainConfig) -> Path:
-    out = claim_run_dir(cfg.out, "train-toy", cfg.model_dump(mode="json"))
+    resolve_device(cfg.device)  # a device this machine lacks fails before the run dir is claimed
+    out = claim_run_dir(cfg.out, "train-toy", _identity(cfg))
     data = build_data(DataSpec(task=cfg.task, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction))
     model = Transformer(
         cfg.model_config_for(data.tokenizer.get_vocab_size(), data.context_length, bos_token_id=0)
@@ -118,7 +138,8 @@ def train_toy(cfg: ToyTrainConfig) -> Path:
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
-    out = claim_run_dir(cfg.out, "pretrain", cfg.model_dump(mode="json"))
+    resolve_device(cfg.device)
+    out = claim_run_dir(cfg.out, "pretrain", _identity(cfg))
     spec = DataSpec(
         corpus=cfg.corpus,
         context_length=cfg.context_length,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..config import DEVICE_HELP, Device, resolve_device
 from ..io import append_jsonl, atomic_path, load_checkpoint, save_checkpoint
 from ..progress import progress_bar
 
@@ -35,12 +36,12 @@ class OptimConfig(BaseModel):
     min_lr_ratio: float = Field(
         0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr."
     )
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only).")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     checkpoint_every: int = Field(250, gt=0, description="Steps between checkpoints.")
     log_every: int = Field(10, gt=0, description="Steps between metrics.jsonl records.")
-    seed: int = 0
-    device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
+    seed: int = Field(0, description="Seed of the initialisation, the batches and the gate noise.")
+    device: Device = Field("auto", description=DEVICE_HELP)
 
 
 def learning_rate(
@@ -73,7 +74,7 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, steps: int, min_lr_ratio: 
     )
 
 
-def autocast(device: str):
+def autocast(device: str | torch.device):
     """bf16 autocast on CUDA; nothing on CPU, where it is slower than fp32."""
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -107,7 +108,7 @@ def run_training(
         ],
         lr=cfg.lr,
         betas=(0.9, 0.95),
-        fused=torch.device(cfg.device).type == "cuda",
+        fused=resolve_device(cfg.device).type == "cuda",
     )
     ckpt_root, log_path = out / "checkpoints", out / "metrics.jsonl"
     start = 0
