@@ -35,7 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .gated_attention import gated_attention
+
 GateMode = Literal["off", "stochastic", "hard"]
+# "tiled": one memory-efficient operation (gated_attention.py); "reference": materialise the
+# T x T pattern (the path a hook on hook_pattern always takes)
+GatedImpl = Literal["reference", "tiled"]
 
 
 class GateConfig(BaseModel):
@@ -187,10 +192,15 @@ def causal_pair_count(T: int) -> int:
 
 
 def gated_pattern(
-    q: torch.Tensor, k: torch.Tensor, offset: float, mode: GateMode
+    q: torch.Tensor,
+    k: torch.Tensor,
+    offset: float,
+    mode: GateMode,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GateStats | None]:
     """One layer's attention pattern after the gate: returns (pattern B,H,T,S, gate statistics,
-    None when the gate is off).
+    None when the gate is off). `noise`: the stochastic gates' logistic noise [B,H,T,S] (e.g.
+    `gated_attention.logistic_noise`, what the tiled operation draws); default: a fresh draw.
 
     T x T steps run in place wherever the backward does not need the overwritten value (the
     same arithmetic, so the same results), which keeps the peak near the tensors backward saves.
@@ -210,10 +220,13 @@ def gated_pattern(
     hard = g > 0  # the deterministic gate, counted before noise goes into g in place
     stats = GateStats(expected_open, hard.sum((-1, -2)), (~hard.any(-1)).sum(-1))
     if mode == "stochastic":
-        u = torch.rand_like(g).clamp_(1e-6, 1 - 1e-6)
-        log1m_u = u.neg().log1p_()
-        noisy = g.add_(u.log_().sub_(log1m_u))  # g + logistic noise log(u) - log(1 - u)
-        del g, u, log1m_u
+        if noise is None:
+            u = torch.rand_like(g).clamp_(1e-6, 1 - 1e-6)
+            log1m_u = u.neg().log1p_()
+            noise = u.log_().sub_(log1m_u)  # logistic noise log(u) - log(1 - u)
+            del u, log1m_u
+        noisy = g.add_(noise)
+        del g, noise
         soft = torch.sigmoid(noisy)
         z = (noisy > 0).to(soft.dtype).add_(soft).sub_(soft.detach())  # straight-through
         del noisy
@@ -246,6 +259,15 @@ def gated_attention_core(
     return pattern @ v, stats
 
 
+def tiled_gated_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: float, mode: GateMode
+) -> tuple[torch.Tensor, GateStats]:
+    """`gated_attention_core` as one tiled operation that holds no T x T tensor; k and v may
+    keep their K grouped heads. Stochastic noise comes from a hash seeded by torch's generator."""
+    res = gated_attention(q, k, v, offset=offset, mode=mode)
+    return res.out, GateStats(res.expected_open, res.open_edges, res.empty_queries)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -260,6 +282,7 @@ class CausalSelfAttention(nn.Module):
         # The gate: no parameters of its own. Its mode and offset are set on the whole model.
         self.gate_mode: GateMode = "off"
         self.gate_offset = 0.0
+        self.gated_impl: GatedImpl = "reference"
         self.last_gate_stats: GateStats | None = None
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_pattern = HookPoint()
@@ -276,11 +299,14 @@ class CausalSelfAttention(nn.Module):
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        if K != H:
+        pattern_hooked = bool(self.hook_pattern._forward_hooks)
+        tiled = self.gated_impl == "tiled" and self.gate_mode != "off" and not pattern_hooked
+        if K != H and not tiled:  # the tiled operation shares grouped heads itself
             k = k.repeat_interleave(H // K, dim=1)  # B,H,T,D
             v = v.repeat_interleave(H // K, dim=1)
-        pattern_hooked = bool(self.hook_pattern._forward_hooks)
-        if self.gate_mode == "off" and not pattern_hooked:
+        if tiled:
+            out, stats = tiled_gated_attention(q, k, v, self.gate_offset, self.gate_mode)
+        elif self.gate_mode == "off" and not pattern_hooked:
             out, stats = F.scaled_dot_product_attention(q, k, v, is_causal=True), None  # B,H,T,D
         elif pattern_hooked:
             # A hook reads or replaces the pattern: materialise it and apply it here.
@@ -381,6 +407,11 @@ class Transformer(nn.Module):
         """Switch every layer's gate: off (dense), stochastic (training) or hard (inference)."""
         for block in self.blocks:
             block.attn.gate_mode, block.attn.gate_offset = mode, float(offset)
+
+    def set_gated_impl(self, impl: GatedImpl) -> None:
+        """Choose every layer's gated path: "tiled" or "reference" (see GatedImpl)."""
+        for block in self.blocks:
+            block.attn.gated_impl = impl
 
     @property
     def gate_mode(self) -> GateMode:
