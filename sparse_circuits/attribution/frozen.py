@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from ..sparse_attention.hooks import hooks
+from ..sparse_attention.hooks import hooks, stop_after
 from .replacement import PromptRun, ReplacementModel, norm_scale_hooks
 
 TapKind = Literal["mlp_in", "final", "q", "k", "v", "z"]
@@ -42,10 +42,6 @@ class LeafGrads(NamedTuple):
     embed: torch.Tensor  # B,T,M
     mlp_out: torch.Tensor  # B,T,L,M
     taps: dict[Tap, torch.Tensor]  # gradients at the taps asked for in `wrt`
-
-
-class _StopForward(Exception):
-    """Raised after the final norm: the logits themselves are never needed."""
 
 
 @contextmanager
@@ -148,23 +144,17 @@ class FrozenGraph:
             for kind, hook in _TAP_HOOKS.items():
                 fns[hook.format(layer=li)] = self._recorder(Tap(kind, li))
 
-        def final(_m, _inp, out: torch.Tensor) -> None:
+        def final(out: torch.Tensor) -> None:
             self.taps[Tap("final")] = out
-            raise _StopForward
 
-        handle = model.final_norm.register_forward_hook(final)
-        try:
-            with (
-                weights_frozen(model, rm.clt),
-                gates_off(model),
-                hooks(model, fns),
-                torch.enable_grad(),
-            ):
-                model(tokens[None].expand(batch_size, -1))
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
+        with (
+            weights_frozen(model, rm.clt),
+            gates_off(model),
+            hooks(model, fns),
+            torch.enable_grad(),
+            stop_after(model, "final_norm", final),  # the logits themselves are never needed
+        ):
+            model(tokens[None].expand(batch_size, -1))
 
     def _recorder(self, tap: Tap):
         # q and k feed only the pattern and the MLP input only the MLP, whose outputs the

@@ -74,6 +74,27 @@ def _build(cfg: CLTConfig, state: dict[str, torch.Tensor]) -> CrossLayerTranscod
     return clt
 
 
+@torch.no_grad()
+def write_layer_files(
+    clt: CrossLayerTranscoder, out: Path, dtype: torch.dtype | None = None
+) -> None:
+    """circuit-tracer's per-layer safetensors files (FORMATS.md) in `out`, in `dtype` (default:
+    the CLT's): the one writer of the layout, for `save_clt` and `export` alike. A per-layer
+    transcoder's decoders to later layers are written as zeros."""
+    L, F, M = clt.cfg.n_layers, clt.cfg.d_features, clt.cfg.d_model
+    threshold = clt.threshold
+    for i in range(L):
+        enc = {f"W_enc_{i}": clt.W_enc[i], f"b_enc_{i}": clt.b_enc[i], f"b_dec_{i}": clt.b_dec[i]}
+        if threshold is not None:
+            enc[f"threshold_{i}"] = threshold[i]
+        W = clt.W_dec[i].detach()  # F,K_i,M
+        if W.shape[1] != L - i:
+            W = torch.cat([W, W.new_zeros(F, L - i - W.shape[1], M)], dim=1)
+        cast = (lambda t: t.detach()) if dtype is None else (lambda t: t.detach().to(dtype))
+        save_tensors(out / f"W_enc_{i}.safetensors", {k: cast(v) for k, v in enc.items()})
+        save_tensors(out / f"W_dec_{i}.safetensors", {f"W_dec_{i}": cast(W)})
+
+
 def save_clt(
     clt: CrossLayerTranscoder,
     out: str | os.PathLike,
@@ -95,17 +116,7 @@ def save_clt(
         clt = fold_normalization(clt, stats)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    L, F, M = cfg.n_layers, cfg.d_features, cfg.d_model
-    threshold = clt.threshold
-    for i in range(L):
-        enc = {f"W_enc_{i}": clt.W_enc[i], f"b_enc_{i}": clt.b_enc[i], f"b_dec_{i}": clt.b_dec[i]}
-        if threshold is not None:
-            enc[f"threshold_{i}"] = threshold[i]
-        save_tensors(out / f"W_enc_{i}.safetensors", enc)
-        W = clt.W_dec[i].detach()
-        if W.shape[1] != L - i:  # per-layer transcoder: zero decoders to later layers
-            W = torch.cat([W, W.new_zeros(F, L - i - W.shape[1], M)], dim=1)
-        save_tensors(out / f"W_dec_{i}.safetensors", {f"W_dec_{i}": W})
+    write_layer_files(clt, out)
     write_json(
         out / "config.json",
         {

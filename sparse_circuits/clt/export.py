@@ -24,9 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import StageError
-from ..io import atomic_dir, atomic_path, read_json, save_tensors, write_json
-from .cltdir import load_clt
-from .model import CrossLayerTranscoder
+from ..io import atomic_dir, atomic_path, read_json, write_json
+from .cltdir import load_clt, write_layer_files
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +70,6 @@ def check_folded(info: dict, source: Path) -> None:
     )
 
 
-def write_circuit_tracer(clt: CrossLayerTranscoder, out: Path, dtype: torch.dtype) -> None:
-    """The per-layer safetensors files (a per-layer transcoder's decoders padded with zeros)."""
-    L, F, M = clt.cfg.n_layers, clt.cfg.d_features, clt.cfg.d_model
-    threshold = clt.threshold
-    for i in range(L):
-        enc = {f"W_enc_{i}": clt.W_enc[i], f"b_enc_{i}": clt.b_enc[i], f"b_dec_{i}": clt.b_dec[i]}
-        if threshold is not None:
-            enc[f"threshold_{i}"] = threshold[i]
-        W = clt.W_dec[i].detach()  # F,K_i,M
-        if W.shape[1] != L - i:
-            W = torch.cat([W, W.new_zeros(F, L - i - W.shape[1], M)], dim=1)
-        save_tensors(
-            out / f"W_enc_{i}.safetensors", {k: v.detach().to(dtype) for k, v in enc.items()}
-        )
-        save_tensors(out / f"W_dec_{i}.safetensors", {f"W_dec_{i}": W.to(dtype)})
-
-
 def _is_previous_export(path: Path) -> bool:
     file = path / "config.yaml"
     if not file.is_file():
@@ -130,7 +112,7 @@ def export(config: ExportConfig) -> Path:
     }
     # Built beside the target and swapped in whole: no stale layer files from an older export.
     with atomic_dir(out) as tmp:
-        write_circuit_tracer(clt, tmp, DTYPES[config.dtype])
+        write_layer_files(clt, tmp, DTYPES[config.dtype])  # the writer save_clt uses
         with atomic_path(tmp / "config.yaml") as p:
             p.write_text(yaml.safe_dump(yaml_config, sort_keys=False))
         write_json(

@@ -43,7 +43,7 @@ from ..config import DEVICE_HELP, Device, resolve_device
 from ..errors import MissingInputError, StageError
 from ..io import atomic_dir
 from ..progress import progress_bar
-from ..sparse_attention.hooks import capture, hooks
+from ..sparse_attention.hooks import capture, stop_after
 from ..sparse_attention.model import LayerNorm, Transformer
 from ..sparse_attention.modeldir import load_tokenizer
 from .evaluate import TokenSource, load_pair, load_tokens
@@ -226,10 +226,6 @@ def direct_logit_effects(
     }
 
 
-class _StopForward(Exception):
-    """Raised once the last MLP input is captured: the rest of the forward is not needed."""
-
-
 @torch.no_grad()
 def accumulate(
     model: Transformer,
@@ -248,17 +244,11 @@ def accumulate(
     acc = FeatureAccumulator(L, clt.cfg.d_features, top_k, window, bins, device)
     names = [FEATURE_INPUT_HOOK.format(layer=layer) for layer in range(L)]
 
-    def stop(_x):
-        raise _StopForward
-
     for j in progress_bar(range(0, len(tokens), batch_size), desc="feature-stats", unit="batch"):
         tok = tokens[j : j + batch_size].to(device)  # B,T
         keep = bos_mask(tok, model.cfg.bos_token_id, include_bos)
-        with capture(model, names) as acts, hooks(model, {names[-1]: stop}):
-            try:
-                model(tok)
-            except _StopForward:
-                pass
+        with capture(model, names) as acts, stop_after(model, names[-1]):
+            model(tok)  # ends once the last MLP input is captured
         for layer in range(L):
             x = acts[names[layer]].to(clt.W_enc.dtype)  # B,T,M
             a = clt.activate_layer(clt.encode_layer(x, layer), layer) * keep[..., None]  # B,T,F

@@ -29,7 +29,7 @@ from ..errors import MissingInputError, StageError
 from ..io import acquire_lock, read_json
 from ..progress import progress_bar
 from ..sparse_attention.data import DATA_FILE, DataSpec, load_token_data
-from ..sparse_attention.hooks import capture, hooks
+from ..sparse_attention.hooks import capture, stop_after
 from ..sparse_attention.model import Transformer
 from ..sparse_attention.modeldir import load_model, model_sha256
 from .store import (
@@ -338,10 +338,6 @@ class ShardWriter:
 # ----------------------------------------------------------------------------- capture
 
 
-class _StopForward(Exception):
-    """Raised after the last hook of interest: the rest of the forward (the logits) is not needed."""
-
-
 @torch.inference_mode()
 def run_block(
     model: Transformer,
@@ -361,21 +357,16 @@ def run_block(
         k: [] for k in ("inputs", "targets", "tokens", "doc", "pos")
     }
 
-    def stop(_x):
-        raise _StopForward
-
     for j in range(0, len(seq_ids), batch_size):
         ids = seq_ids[j : j + batch_size]
         tok = seqs[ids].to(device)  # B,T
         mask = keep[ids]  # B,T
+        # the last target is the last value needed: the rest of the forward (logits) is skipped
         with (
             capture(model, [n for ns in names.values() for n in ns]) as acts,
-            hooks(model, {last: stop}),
+            stop_after(model, last),
         ):
-            try:
-                model(tok)
-            except _StopForward:
-                pass
+            model(tok)
         mask_d = mask.to(device)
         for kind, ns in names.items():
             x = torch.stack([acts[n] for n in ns], dim=2)  # B,T,L,M

@@ -37,6 +37,34 @@ def hooks(model: nn.Module, fns: dict[str, HookFn]):
             h.remove()
 
 
+class StopForward(Exception):
+    """Raised by `stop_after` to end a forward pass early."""
+
+
+@contextmanager
+def stop_after(model: nn.Module, name: str, fn: HookFn | None = None):
+    """Inside the block, a forward pass of `model` ends as soon as the submodule `name` (a
+    HookPoint, or any module such as "final_norm") has run and `fn(its output)` was called:
+    what would come after (the logits, say) is never computed. The forward call ends the
+    block, so make it the block's last statement; hooks entered before this one have run.
+    The one way the stages stop a forward pass early (harvest, feature statistics, the
+    frozen replacement model)."""
+    module = model.get_submodule(name)
+
+    def stop(_m: nn.Module, _inp, out: torch.Tensor) -> None:
+        if fn is not None:
+            fn(out)
+        raise StopForward
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
 @contextmanager
 def capture(model: nn.Module, names: Iterable[str], detach: bool = True):
     """Collect the values at `names` into the yielded dict."""

@@ -1,0 +1,65 @@
+"""Pieces several stages share, each in one place: the early stop of a forward pass (harvest,
+feature statistics, the frozen replacement model) and the writer of circuit-tracer's CLT
+layout (save_clt and export)."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from sparse_circuits.clt.cltdir import save_clt
+from sparse_circuits.clt.export import ExportConfig, export
+from sparse_circuits.clt.model import CLTConfig, CrossLayerTranscoder
+from sparse_circuits.sparse_attention.hooks import capture, hooks, stop_after
+
+
+def test_stop_after_ends_the_forward_pass_there(make_tiny_model):
+    model = make_tiny_model()
+    tokens = torch.randint(
+        1, model.cfg.vocab_size, (3, 8), generator=torch.Generator().manual_seed(0)
+    )
+    names = ["blocks.0.hook_mlp_in", "blocks.1.hook_mlp_in"]
+    with torch.no_grad(), capture(model, names) as full:
+        model(tokens)
+    later: list[str] = []
+    with (
+        torch.no_grad(),
+        capture(model, names) as got,
+        hooks(model, {"blocks.1.hook_mlp_out": lambda x: later.append("mlp_out")}),
+        stop_after(model, names[-1]),
+    ):
+        model(tokens)
+        later.append("after the call")  # never reached: the forward call ends the block
+    assert later == [] and got.keys() == full.keys()
+    for n in names:
+        torch.testing.assert_close(got[n], full[n])
+    seen = []
+    with torch.no_grad(), stop_after(model, "final_norm", seen.append):
+        model(tokens)
+    assert len(seen) == 1 and seen[0].shape == (3, 8, model.cfg.d_model)
+    with torch.no_grad():  # the hook is gone after the block
+        assert model(tokens).logits.shape == (3, 8, model.cfg.vocab_size)
+
+
+def test_save_clt_and_export_write_the_layout_with_one_writer(tmp_path):
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(CLTConfig(n_layers=3, d_model=8, d_features=16, cross_layer=False))
+    with torch.no_grad():
+        for W in clt.W_dec:
+            W.normal_()
+    save_clt(clt, tmp_path / "clt")
+    for dtype in ("float32", "bfloat16"):
+        out = export(
+            ExportConfig(clt=tmp_path / "clt", out=tmp_path / dtype, dtype=dtype, model_name="m")
+        )
+        for i in range(3):
+            for kind in ("enc", "dec"):
+                name = f"W_{kind}_{i}.safetensors"
+                ours, theirs = load_file(tmp_path / "clt" / name), load_file(out / name)
+                assert ours.keys() == theirs.keys()
+                for k in ours:
+                    assert theirs[k].dtype == getattr(torch, dtype)
+                    torch.testing.assert_close(theirs[k], ours[k].to(theirs[k].dtype), msg=k)
+                if dtype == "float32":  # the same writer: the same bytes
+                    assert (tmp_path / "clt" / name).read_bytes() == (out / name).read_bytes()
+        assert load_file(out / "W_dec_0.safetensors")["W_dec_0"][:, 1:].count_nonzero() == 0
