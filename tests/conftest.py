@@ -230,11 +230,13 @@ def api(migrated_url, tmp_path):
 
 @pytest.fixture
 def api_factory(migrated_url, tmp_path):
-    """`api` with settings of the test's choosing: `api_factory(read_requires_key=True)`."""
+    """`api` with settings of the test's choosing: `api_factory(read_requires_key=True)`; each
+    call another data dir (or `data_dir=`) on the same database."""
     made = []
 
-    def factory(**settings) -> Api:
-        made.append(make_api(migrated_url, tmp_path / f"data{len(made)}", **settings))
+    def factory(data_dir: Path | None = None, **settings) -> Api:
+        data_dir = data_dir or tmp_path / f"data{len(made)}"
+        made.append(make_api(migrated_url, data_dir, **settings))
         made[-1].client.__enter__()
         return made[-1]
 

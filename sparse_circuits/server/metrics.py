@@ -102,6 +102,20 @@ def render(sessions: sessionmaker) -> bytes:
     return generate_latest(REGISTRY) + generate_latest(jobs)
 
 
+def route_template(scope: Scope) -> str:
+    """The matched route's template (`/v1/jobs/{job_id}`): the path with each path parameter's
+    segment put back as `{name}`; `<unmatched>` when no route matched."""
+    if scope.get("route") is None:
+        return "<unmatched>"
+    segments = scope.get("path", "").split("/")
+    for name, value in (scope.get("path_params") or {}).items():
+        for i in range(len(segments) - 1, -1, -1):
+            if segments[i] == str(value):
+                segments[i] = "{" + name + "}"
+                break
+    return "/".join(segments)
+
+
 class MetricsMiddleware:
     """Counts and times every HTTP request by its route template (not its raw path, so ids do
     not make new series); unknown paths count under `<unmatched>`."""
@@ -124,8 +138,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            name = getattr(route, "path", None) or "<unmatched>"
+            name = route_template(scope)
             method = scope.get("method", "")
             REQUESTS.labels(name, method, str(status)).inc()
             LATENCY.labels(name, method).observe(time.perf_counter() - start)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ...jobs.artifacts import ArtifactError, inspect_path, register_artifact, relative_path
+from ...jobs.artifacts import inspect_path, register_artifact, relative_path
 from ...jobs.db import Artifact
 from ..deps import ReadKeyDep, SessionDep, SettingsDep, WriteKeyDep
 from ..problems import ProblemError, problem_responses
@@ -199,7 +199,7 @@ def resolve_body_path(data_dir: Path, value: str, *, field: str) -> Path:
     """`value` resolved inside the data dir, or a 422 problem naming `field`."""
     try:
         return data_dir.resolve() / relative_path(data_dir, value)
-    except ArtifactError as e:
+    except ValueError as e:  # ArtifactError, or a path the OS refuses (a NUL byte)
         raise ProblemError(
             422,
             f"{field}: {e}",

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ...jobs.db import JOB_STATES, Artifact, Job
+from ...jobs.db import JOB_STATES, Artifact, Job, utcnow
+from ...jobs.queue import (
+    TERMINAL_STATES,
+    JobStateError,
+    cancel_job,
+    get_job,
+    list_jobs,
+    retry_job,
+    submit_job,
+)
 from ...jobs.specs import JobSpecError, validate_job
 from ...stages import STAGES
 from ..deps import ReadKeyDep, SessionDep, SettingsDep, WriteKeyDep
@@ -37,7 +46,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problem_responses(40
 
 JobKind = Literal[tuple(STAGES)]  # type: ignore[valid-type]
 JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
-TERMINAL = ("succeeded", "failed", "cancelled")
 JobIdParam = Annotated[str, PathParam(min_length=1, max_length=64, description="The job's id.")]
 SSE = "text/event-stream"
 SSE_RESPONSE = {
@@ -107,7 +115,7 @@ def job_public(session: Session, job: Job) -> JobPublic:
 
 
 def get_job_or_404(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+    job = get_job(session, job_id=job_id)
     if job is None:
         raise ProblemError(404, f"no job with id {job_id!r}", id=job_id)
     return job
@@ -149,27 +157,19 @@ def list_(
     _key: ReadKeyDep,
     kind: Annotated[JobKind | None, Query(description="Only this stage.")] = None,
     state: Annotated[JobState | None, Query(description="Only this state.")] = None,
-    created_after: Annotated[datetime | None, Query()] = None,
-    created_before: Annotated[datetime | None, Query()] = None,
+    created_after: Annotated[datetime | None, Query(description="Created at or after.")] = None,
+    created_before: Annotated[datetime | None, Query(description="Created before.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> JobsPublic:
-    where = []
-    if kind is not None:
-        where.append(Job.kind == kind)
-    if state is not None:
-        where.append(Job.state == state)
-    if created_after is not None:
-        where.append(Job.created_at > created_after)
-    if created_before is not None:
-        where.append(Job.created_at < created_before)
-    count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
-    jobs = session.scalars(
-        select(Job)
-        .where(*where)
-        .order_by(Job.created_at.desc(), Job.id)
-        .limit(limit)
-        .offset(offset)
+    jobs, count = list_jobs(
+        session,
+        kind=kind,
+        state=state,
+        created_after=created_after,
+        created_before=created_before,
+        limit=limit,
+        offset=offset,
     )
     return JobsPublic(data=[job_public(session, j) for j in jobs], count=count)
 
@@ -206,10 +206,13 @@ def get(session: SessionDep, _key: ReadKeyDep, job_id: JobIdParam) -> JobPublic:
     "partial artifact kept and marked. 409 when it has finished already.",
 )
 def cancel(session: SessionDep, _key: WriteKeyDep, job_id: JobIdParam) -> JobPublic:
-    job = get_job_or_404(session, job_id)
-    if job.state in TERMINAL:
-        raise ProblemError(409, f"job {job_id} has finished ({job.state})", id=job_id)
-    return job_public(session, cancel_job(session, job_id=job_id))
+    try:
+        job = cancel_job(session, job_id=job_id)
+    except KeyError:
+        raise ProblemError(404, f"no job with id {job_id!r}", id=job_id) from None
+    except JobStateError as e:
+        raise ProblemError(409, str(e), id=job_id) from None
+    return job_public(session, job)
 
 
 @router.post(
@@ -220,10 +223,13 @@ def cancel(session: SessionDep, _key: WriteKeyDep, job_id: JobIdParam) -> JobPub
     "failed or was cancelled.",
 )
 def retry(session: SessionDep, _key: WriteKeyDep, job_id: JobIdParam) -> JobPublic:
-    job = get_job_or_404(session, job_id)
-    if job.state not in ("failed", "cancelled"):
-        raise ProblemError(409, f"job {job_id} is {job.state}: only failed or cancelled jobs are retried", id=job_id)  # fmt: skip
-    return job_public(session, retry_job(session, job_id=job_id))
+    try:
+        job = retry_job(session, job_id=job_id)
+    except KeyError:
+        raise ProblemError(404, f"no job with id {job_id!r}", id=job_id) from None
+    except JobStateError as e:
+        raise ProblemError(409, str(e), id=job_id) from None
+    return job_public(session, job)
 
 
 @router.get(
@@ -278,6 +284,7 @@ def metrics_log(
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _KEEPALIVE_S = 15.0
+_LOOKBACK = timedelta(seconds=5)
 
 
 def _sse(job: JobPublic) -> bytes:
@@ -290,26 +297,17 @@ def _snapshot(sessions, job_id: str) -> JobPublic | None:
         return None if job is None else job_public(session, job)
 
 
-def _changed_since(sessions, since: datetime | None) -> list[JobPublic]:
+def _changed_since(sessions, since: datetime) -> list[JobPublic]:
     with sessions() as session:
-        q = select(Job).order_by(Job.updated_at, Job.id)
-        if since is not None:
-            q = q.where(Job.updated_at >= since)
-        else:
-            q = q.where(Job.id.is_(None))  # the first read only sets the watermark
+        q = select(Job).where(Job.updated_at >= since).order_by(Job.updated_at, Job.id)
         return [job_public(session, j) for j in session.scalars(q.limit(1000))]
-
-
-def _latest_update(sessions) -> datetime | None:
-    with sessions() as session:
-        return session.scalar(select(func.max(Job.updated_at)))
 
 
 async def _stream_one(request, sessions, job_id, first, poll, max_seconds) -> AsyncIterator[bytes]:
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     last, last_sent = first, time.monotonic()
     yield _sse(first)
-    while last.state not in TERMINAL:
+    while last.state not in TERMINAL_STATES:
         if deadline is not None and time.monotonic() >= deadline:
             return
         await asyncio.sleep(poll)
@@ -327,30 +325,23 @@ async def _stream_one(request, sessions, job_id, first, poll, max_seconds) -> As
 
 
 async def _stream_all(request, sessions, poll, max_seconds) -> AsyncIterator[bytes]:
+    """Jobs whose `updated_at` moved since the stream began. A write stamped before it committed
+    can land behind the newest stamp seen, so each read looks back `_LOOKBACK` and `seen`
+    drops what was sent already."""
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    watermark = await run_in_threadpool(_latest_update, sessions)
-    seen: dict[str, Any] = {}
-    last_sent = time.monotonic()
+    watermark, seen, last_sent = utcnow(), {}, time.monotonic()
     yield b": jobs\n\n"
     while deadline is None or time.monotonic() < deadline:
         await asyncio.sleep(poll)
         if await request.is_disconnected():
             return
-        if watermark is None:
-            watermark = await run_in_threadpool(_latest_update, sessions)
-            if watermark is None:
-                continue
-            jobs = await run_in_threadpool(_changed_since, sessions, watermark)
-        else:
-            jobs = await run_in_threadpool(_changed_since, sessions, watermark)
-        for job in jobs:
-            stamp = (job.updated_at, job.state, job.step)
-            if seen.get(job.id) != stamp:
-                seen[job.id] = stamp
-                last_sent = time.monotonic()
+        for job in await run_in_threadpool(_changed_since, sessions, watermark - _LOOKBACK):
+            if seen.get(job.id) != job.updated_at:
+                seen[job.id], last_sent = job.updated_at, time.monotonic()
                 yield _sse(job)
-            if job.updated_at is not None and job.updated_at > watermark:
-                watermark = job.updated_at
+            watermark = max(watermark, job.updated_at or watermark)
+        cutoff = watermark - _LOOKBACK
+        seen = {k: v for k, v in seen.items() if v is None or v >= cutoff}
         if time.monotonic() - last_sent > _KEEPALIVE_S:
             last_sent = time.monotonic()
             yield b": keep-alive\n\n"
@@ -367,34 +358,3 @@ def validate_config(kind: str, config: dict[str, Any], data_dir: Path) -> dict[s
             for err in e.errors
         ]
         raise ProblemError(422, f"invalid {kind} job: {e}", errors=errors) from None
-
-
-# --- Interim: until sparse_circuits.jobs.queue lands (then these go) ----------------------
-
-
-def submit_job(
-    session: Session, *, kind: str, config: dict, max_attempts: int = 3, key_id: str | None = None
-) -> Job:
-    job = Job(kind=kind, config=config, max_attempts=max_attempts, key_id=key_id)
-    session.add(job)
-    session.commit()
-    return job
-
-
-def cancel_job(session: Session, *, job_id: str) -> Job:
-    from ...jobs.db import utcnow  # noqa: PLC0415
-
-    job = session.get(Job, job_id)
-    if job.state == "queued":
-        job.state, job.finished_at = "cancelled", utcnow()
-    job.cancel_requested = True
-    session.commit()
-    return job
-
-
-def retry_job(session: Session, *, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    job.state, job.cancel_requested, job.error, job.finished_at = "queued", False, None, None
-    job.attempts = 0
-    session.commit()
-    return job
