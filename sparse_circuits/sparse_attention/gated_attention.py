@@ -340,8 +340,8 @@ def gated_attention(
     offset: float,
     mode: GatedMode,
     seed: int | None = None,
-    block_q: int = BLOCK_Q,
-    block_k: int = BLOCK_K,
+    block_q: int | None = None,
+    block_k: int | None = None,
 ) -> GatedAttentionOutput:
     """Causal gated attention of q [B,H,T,D] over k, v [B,K,T,D] (K divides H: grouped
     key/value heads are shared, never copied), with gate offset b = `offset`.
@@ -349,7 +349,8 @@ def gated_attention(
     mode "stochastic" draws logistic noise keyed by `seed` (drawn from torch's generator when
     None) and passes the straight-through gradient; "hard" gates are 1[s + b > 0]. Returns
     the output and the per-(batch, head) gate statistics; output and expected_open carry
-    gradients to q, k and v."""
+    gradients to q, k and v. Tiles: `block_q` query positions by `block_k` keys (default
+    BLOCK_Q, BLOCK_K); the results do not depend on them beyond float rounding."""
     if mode not in ("stochastic", "hard"):
         raise ValueError(f"gated_attention runs gates 'stochastic' or 'hard', not {mode!r}")
     B, H, T, D = q.shape
@@ -360,6 +361,7 @@ def gated_attention(
     stochastic = mode == "stochastic"
     if stochastic and seed is None:
         seed = draw_seed()
+    block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
     result = _GatedAttention.apply(
         q, k, v, float(offset), stochastic, int(seed or 0), int(block_q), int(block_k)
     )
