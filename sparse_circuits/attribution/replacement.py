@@ -30,6 +30,7 @@ import torch
 from ..clt.harvest import bos_mask
 from ..clt.model import CrossLayerTranscoder
 from ..clt.splice import check_compatible
+from ..errors import StageError
 from ..sparse_attention.hooks import capture
 from ..sparse_attention.model import Transformer
 
@@ -59,17 +60,17 @@ def check_tokens(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """A prompt as a 1-D long tensor of valid ids no longer than the context."""
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.ndim != 1 or tokens.numel() == 0:
-        raise ValueError(
+        raise StageError(
             f"a prompt is a non-empty 1-D sequence of token ids, got shape {tuple(tokens.shape)}"
         )
     T, cfg = tokens.numel(), model.cfg
     if T > cfg.context_length:
-        raise ValueError(
+        raise StageError(
             f"the prompt has {T} tokens, more than the model's context length {cfg.context_length}"
         )
     bad = tokens[(tokens < 0) | (tokens >= cfg.vocab_size)]
     if bad.numel():
-        raise ValueError(
+        raise StageError(
             f"token id {int(bad[0])} is outside the model's vocabulary of {cfg.vocab_size}"
         )
     return tokens
@@ -147,7 +148,7 @@ class ReplacementModel:
     ):
         check_compatible(model, clt, clt_info)
         if embedding not in EMBEDDING_CONVENTIONS:
-            raise ValueError(
+            raise StageError(
                 f"embedding must be one of {sorted(EMBEDDING_CONVENTIONS)}, got {embedding!r}"
             )
         self.model, self.clt = model.eval(), clt.eval()

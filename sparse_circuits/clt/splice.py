@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import StageError
 from ..sparse_attention.hooks import hooks
 from ..sparse_attention.model import Transformer
 from ..sparse_attention.modeldir import model_sha256
@@ -35,12 +36,12 @@ Replacement = Callable[[int, torch.Tensor], torch.Tensor]
 def check_compatible(
     model: Transformer, clt: CrossLayerTranscoder, clt_info: dict | None = None
 ) -> None:
-    """Raise a ValueError naming both numbers when `clt` cannot stand in for `model`'s MLPs."""
+    """Raise a StageError naming both numbers when `clt` cannot stand in for `model`'s MLPs."""
     mc, cc = model.cfg, clt.cfg
     if cc.n_layers != mc.n_layers:
-        raise ValueError(f"the CLT has {cc.n_layers} layers but the model has {mc.n_layers}")
+        raise StageError(f"the CLT has {cc.n_layers} layers but the model has {mc.n_layers}")
     if cc.d_model != mc.d_model:
-        raise ValueError(
+        raise StageError(
             f"the CLT has width (d_model) {cc.d_model} but the model has d_model {mc.d_model}"
         )
     info = clt_info or {}
@@ -50,7 +51,7 @@ def check_compatible(
     ):
         theirs = info.get(key)
         if theirs is not None and theirs != ours:
-            raise ValueError(f"the CLT's {key} is {theirs!r}; this code splices CLTs at {ours!r}")
+            raise StageError(f"the CLT's {key} is {theirs!r}; this code splices CLTs at {ours!r}")
 
 
 def warn_if_other_model(model: Transformer, clt_info: dict | None) -> bool:
