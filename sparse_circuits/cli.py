@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,7 +20,7 @@ from typing import NamedTuple
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__  # noqa: E402
-from .config import add_config_arguments, add_flag_arguments, config_from_args  # noqa: E402
+from .config import add_flag_arguments, config_from_args, flag_specs  # noqa: E402
 from .errors import StageError  # noqa: E402
 from .io import released_locks  # noqa: E402
 from .stages import STAGES, Stage  # noqa: E402
@@ -62,18 +62,53 @@ PLAIN_COMMANDS: dict[str, PlainCommand] = {}
 HELP_CACHE = "cli_flags.json"  # every config command's flags, so that --help needs no torch
 
 
-def _cached_flags(command: str) -> list[dict] | None:
+def source_fingerprint() -> str:
+    """A hash of the package's source: flags cached under another fingerprint are stale."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def _user_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparse-circuits" / HELP_CACHE
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict[str, list[dict]]:
     try:
-        text = resources.files("sparse_circuits").joinpath(HELP_CACHE).read_text()
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("commands", {}) if data.get("fingerprint") == fingerprint else {}
+
+
+def _cached_flags(command: str, fingerprint: str) -> list[dict] | None:
+    """`command`'s flags from the cache shipped with the package, else from the user's cache;
+    None when neither matches this source (a changed config never shows stale help)."""
+    for path in (Path(__file__).with_name(HELP_CACHE), _user_cache()):
+        flags = _read_cache(path, fingerprint).get(command)
+        if flags is not None:
+            return flags
+    return None
+
+
+def _remember_flags(command: str, flags: list[dict], fingerprint: str) -> None:
+    """Keep one command's flags in the user's cache, so that its next --help is quick."""
+    path = _user_cache()
+    commands = _read_cache(path, fingerprint) | {command: flags}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "commands": commands}))
+        os.replace(tmp, path)
     except OSError:
-        return None
-    return json.loads(text).get(command)
+        pass  # a read-only home: help stays correct, only slower
 
 
 def live_flags() -> dict[str, list[dict]]:
     """Every config command's flags, from the configs themselves (imports every stage)."""
-    from .config import flag_specs  # noqa: PLC0415
-
     flags = {}
     for name, stage in COMMANDS.items():
         try:
@@ -84,10 +119,11 @@ def live_flags() -> dict[str, list[dict]]:
 
 
 def update_help_cache(path: Path | None = None) -> Path:
-    """Rewrite sparse_circuits/cli_flags.json from the configs (after changing a config's fields:
-    `python -c "from sparse_circuits.cli import update_help_cache; update_help_cache()"`)."""
+    """Rewrite the flags cache shipped with the package (sparse_circuits/cli_flags.json):
+    `python -c "from sparse_circuits.cli import update_help_cache; update_help_cache()"`."""
     path = path or Path(__file__).with_name(HELP_CACHE)
-    path.write_text(json.dumps(live_flags(), indent=1, sort_keys=True) + "\n")
+    data = {"fingerprint": source_fingerprint(), "commands": live_flags()}
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return path
 
 
@@ -106,11 +142,13 @@ def build_parser(command: str | None = None, help_only: bool = False) -> argpars
         p = sub.add_parser(name, help=help_, description=help_)
         if name != command:
             continue
-        cached = _cached_flags(name) if help_only else None
-        if cached is not None:
-            add_flag_arguments(p, cached)
-        else:
-            add_config_arguments(p, getattr(importlib.import_module(module), config_name))
+        fingerprint = source_fingerprint() if help_only else ""
+        flags = _cached_flags(name, fingerprint) if help_only else None
+        if flags is None:
+            flags = flag_specs(getattr(importlib.import_module(module), config_name))
+            if help_only:
+                _remember_flags(name, flags, fingerprint)
+        add_flag_arguments(p, flags)
     for name, plain in PLAIN_COMMANDS.items():
         p = sub.add_parser(name, help=plain.help, description=plain.help)
         if name == command:
