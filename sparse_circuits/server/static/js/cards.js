@@ -9,7 +9,8 @@ import { el, clear, fmt, href, problemBox } from "./shell.js";
 
 function contextRow(ctx, max) {
   const row = el("div", { class: "context", dataset: { doc: ctx.doc ?? "", pos: ctx.pos ?? "" } });
-  ctx.tokens.forEach((tok, j) => {
+  const tokens = ctx.strings || ctx.tokens || [];
+  tokens.forEach((tok, j) => {
     const v = ctx.values ? ctx.values[j] || 0 : 0;
     const a = max > 0 ? Math.max(0, v) / max : 0;
     row.append(
@@ -33,7 +34,7 @@ function logitList(title, items) {
     "div",
     { class: "logits" },
     el("h4", {}, title),
-    el("ul", {}, items.slice(0, 10).map((t) => el("li", {}, el("code", {}, JSON.stringify(t.token)), " ", fmt(t.value)))),
+    el("ul", {}, items.slice(0, 10).map((t) => el("li", {}, el("code", {}, JSON.stringify(t.token ?? t.string ?? t.token_id)), " ", fmt(t.value)))),
   );
 }
 

@@ -39,7 +39,7 @@ export class GraphCanvas {
     this._dirty = false;
     onThemeChange(() => {
       this.colors = themeColors();
-      this.redraw();
+      this.invalidate();
     });
     this._wireEvents();
     this._resize = new ResizeObserver(() => this.resize());
@@ -55,7 +55,7 @@ export class GraphCanvas {
     if (!keepView) this.view = { k: 1, x: 0, y: 0 };
     this._bucketLinks();
     this.layout();
-    this.redraw();
+    this.invalidate();
   }
 
   resize() {
@@ -71,7 +71,7 @@ export class GraphCanvas {
     this.canvas.style.width = `${w}px`;
     this.canvas.style.height = `${h}px`;
     this.layout();
-    this.redraw();
+    this.invalidate();
   }
 
   // ------------------------------------------------------------------ layout
@@ -151,22 +151,28 @@ export class GraphCanvas {
     return !this.only || this.only.has(n.node_id);
   }
 
-  draw() {
-    const m = this.model;
-    if (!m || !this.w) return;
-    const t0 = performance.now();
-    const { ctx, dpr, view, colors } = this;
-    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    ctx.clearRect(0, 0, this.w, this.h);
-    this._drawGrid();
-    const focus = this.hover ?? this.selected;
-    const focusLinks = new Set();
-    if (focus !== null) for (const i of [...m.nodes[focus].in, ...m.nodes[focus].out]) focusLinks.add(i);
-    if (this.hoverLink !== null) focusLinks.add(this.hoverLink);
-    if (this.selectedLink !== null) focusLinks.add(this.selectedLink);
-    const dim = focusLinks.size > 0;
+  /** Invalidate the cached scene (links and nodes without highlights). */
+  invalidate() {
+    this.baseValid = false;
+    this.redraw();
+  }
 
-    // links, in world coordinates under the view transform
+  /** Everything that does not change on hover or selection, drawn once per view into an
+   * offscreen canvas; panning and zooming blit it (transformed) until the view settles. */
+  _renderBase() {
+    const m = this.model;
+    const { dpr, view, colors } = this;
+    if (!this.base) {
+      this.base = document.createElement("canvas");
+      this.baseCtx = this.base.getContext("2d");
+    }
+    if (this.base.width !== this.canvas.width || this.base.height !== this.canvas.height) {
+      this.base.width = this.canvas.width;
+      this.base.height = this.canvas.height;
+    }
+    const ctx = this.baseCtx;
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, this.base.width, this.base.height);
     ctx.setTransform(dpr * view.k, 0, 0, dpr * view.k, dpr * view.x, dpr * view.y);
     let drawn = 0;
     for (let b = 0; b < this.buckets.length; b++) {
@@ -174,8 +180,8 @@ export class GraphCanvas {
       if (!list.length) continue;
       const mag = ((b % BUCKETS) + 1) / BUCKETS;
       ctx.strokeStyle = b < BUCKETS ? colors.pos : colors.neg;
-      ctx.globalAlpha = (dim ? 0.1 : 0.25 + 0.6 * mag) * (this.only ? 1 : 1);
-      ctx.lineWidth = (0.4 + 2.6 * mag * mag) / view.k;
+      ctx.globalAlpha = 0.25 + 0.6 * mag;
+      ctx.lineWidth = 0.9 / view.k;
       ctx.beginPath();
       for (const i of list) {
         const l = m.links[i];
@@ -188,15 +194,88 @@ export class GraphCanvas {
       }
       ctx.stroke();
     }
-    if (dim) {
+    ctx.globalAlpha = 1;
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    const grow = Math.sqrt(Math.min(view.k, 4));
+    let nodes = 0;
+    const byKind = { feature: [], error: [], embedding: [], logit: [] };
+    for (const n of m.nodes) if (this.visible(n)) byKind[n.kind].push(n);
+    for (const kind of Object.keys(byKind)) {
+      ctx.fillStyle = colors[kind];
+      ctx.beginPath();
+      for (const n of byKind[kind]) {
+        this._shape(ctx, n, n.x * view.k + view.x, n.y * view.k + view.y, n.r * grow);
+        nodes++;
+      }
+      ctx.fill();
+    }
+    this.baseView = { ...view };
+    this.baseValid = true;
+    this.stats.drawnNodes = nodes;
+    this.stats.drawnLinks = drawn;
+    this.stats.baseRenders = (this.stats.baseRenders || 0) + 1;
+  }
+
+  _shape(ctx, n, x, y, r) {
+    if (n.kind === "feature") {
+      ctx.moveTo(x + r, y);
+      ctx.arc(x, y, r, 0, 2 * Math.PI);
+    } else if (n.kind === "logit") {
+      ctx.moveTo(x, y - r * 1.3);
+      ctx.lineTo(x + r * 1.3, y);
+      ctx.lineTo(x, y + r * 1.3);
+      ctx.lineTo(x - r * 1.3, y);
+      ctx.closePath();
+    } else {
+      ctx.rect(x - r, y - r, 2 * r, 2 * r);
+    }
+  }
+
+  draw() {
+    const m = this.model;
+    if (!m || !this.w) return;
+    const t0 = performance.now();
+    const { ctx, dpr, view, colors } = this;
+    const moving = performance.now() - (this._movedAt || 0) < 150;
+    const stale = !this.baseView || this.baseView.k !== view.k || this.baseView.x !== view.x || this.baseView.y !== view.y;
+    if (!this.baseValid || (stale && !moving)) this._renderBase();
+    else if (stale) {
+      clearTimeout(this._settle);
+      this._settle = setTimeout(() => this.redraw(), 160);
+    }
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, this.canvas.width, this.canvas.height);
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    this._drawGrid();
+    // the cached scene, moved from the view it was drawn at to this one
+    const b = this.baseView;
+    const f = view.k / b.k;
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.drawImage(this.base, dpr * (view.x - b.x * f), dpr * (view.y - b.y * f), this.base.width * f, this.base.height * f);
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+
+    const focus = this.hover ?? this.selected;
+    const focusLinks = new Set();
+    if (focus !== null) for (const i of [...m.nodes[focus].in, ...m.nodes[focus].out]) focusLinks.add(i);
+    if (this.hoverLink !== null) focusLinks.add(this.hoverLink);
+    if (this.selectedLink !== null) focusLinks.add(this.selectedLink);
+    const grow = Math.sqrt(Math.min(view.k, 4));
+    if (focusLinks.size) {
+      // dim the scene, then draw the focused links and their ends on top
+      ctx.globalAlpha = 0.72;
+      ctx.fillStyle = colors.bg;
+      ctx.fillRect(0, 0, this.w, this.h);
       ctx.globalAlpha = 1;
+      ctx.setTransform(dpr * view.k, 0, 0, dpr * view.k, dpr * view.x, dpr * view.y);
+      const ends = new Set();
       for (const i of focusLinks) {
         const l = m.links[i];
         const s = m.nodes[l.s];
         const t = m.nodes[l.t];
+        ends.add(l.s);
+        ends.add(l.t);
         const mag = Math.sqrt(Math.abs(l.weight) / m.maxAbsWeight);
-        const sel = i === this.selectedLink || i === this.hoverLink;
-        if (sel) {
+        if (i === this.selectedLink || i === this.hoverLink) {
           ctx.strokeStyle = colors.accent;
           ctx.lineWidth = (4 + 3 * mag) / view.k;
           ctx.beginPath();
@@ -211,46 +290,16 @@ export class GraphCanvas {
         ctx.lineTo(t.x, t.y);
         ctx.stroke();
       }
-    }
-    ctx.globalAlpha = 1;
-
-    // nodes, in screen coordinates (constant size under zoom, a little larger when zoomed in)
-    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    const grow = Math.sqrt(Math.min(view.k, 4));
-    const near = new Set();
-    if (focus !== null) {
-      for (const i of m.nodes[focus].in) near.add(m.links[i].s);
-      for (const i of m.nodes[focus].out) near.add(m.links[i].t);
-    }
-    let nodes = 0;
-    const byKind = { feature: [], error: [], embedding: [], logit: [] };
-    for (const n of m.nodes) if (this.visible(n)) byKind[n.kind].push(n);
-    for (const kind of Object.keys(byKind)) {
-      const list = byKind[kind];
-      ctx.fillStyle = colors[kind];
-      ctx.globalAlpha = focus !== null ? 0.35 : 1;
-      ctx.beginPath();
-      for (const n of list) {
-        const x = n.x * view.k + view.x;
-        const y = n.y * view.k + view.y;
-        const r = n.r * grow;
-        if (kind === "feature") {
-          ctx.moveTo(x + r, y);
-          ctx.arc(x, y, r, 0, 2 * Math.PI);
-        } else if (kind === "logit") {
-          ctx.moveTo(x, y - r * 1.3);
-          ctx.lineTo(x + r * 1.3, y);
-          ctx.lineTo(x, y + r * 1.3);
-          ctx.lineTo(x - r * 1.3, y);
-          ctx.closePath();
-        } else {
-          ctx.rect(x - r, y - r, 2 * r, 2 * r);
-        }
-        nodes++;
+      ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+      for (const i of ends) {
+        const n = m.nodes[i];
+        if (!this.visible(n)) continue;
+        ctx.fillStyle = colors[n.kind];
+        ctx.beginPath();
+        this._shape(ctx, n, n.x * view.k + view.x, n.y * view.k + view.y, n.r * grow);
+        ctx.fill();
       }
-      ctx.fill();
     }
-    ctx.globalAlpha = 1;
     const ring = (n, color, width, pad) => {
       const x = n.x * view.k + view.x;
       const y = n.y * view.k + view.y;
@@ -260,35 +309,30 @@ export class GraphCanvas {
       ctx.arc(x, y, n.r * grow + pad, 0, 2 * Math.PI);
       ctx.stroke();
     };
-    for (const i of near) {
-      const n = m.nodes[i];
-      if (!this.visible(n)) continue;
-      ctx.fillStyle = colors[n.kind];
-      ctx.beginPath();
-      ctx.arc(n.x * view.k + view.x, n.y * view.k + view.y, n.r * grow, 0, 2 * Math.PI);
-      ctx.fill();
-    }
     for (const id of this.pinned) {
       const n = m.byId.get(id);
-      if (n) ring(n, colors.pin, 2, 2.5);
+      if (n && this.visible(n)) ring(n, colors.pin, 2, 2.5);
     }
     for (const [id, g] of this.groups) {
       const n = m.byId.get(id);
-      if (n) ring(n, `hsl(${(g * 67) % 360} 70% 50%)`, 2, 5);
+      if (n && this.visible(n)) ring(n, `hsl(${(g * 67) % 360} 70% 50%)`, 2, 5);
     }
     if (focus !== null) ring(m.nodes[focus], colors.fg, 2, 2);
     if (this.selected !== null) ring(m.nodes[this.selected], colors.accent, 3, 4);
 
     this._drawAxes();
-    this.stats.drawnNodes = nodes;
-    this.stats.drawnLinks = drawn;
     this.stats.frames++;
     this.stats.lastDrawMs = performance.now() - t0;
     this.stats.drawMs.push(this.stats.lastDrawMs);
     if (this.stats.drawMs.length > 600) this.stats.drawMs.splice(0, 300);
-    this.canvas.dataset.nodes = String(nodes);
-    this.canvas.dataset.links = String(drawn);
-    if (!this.stats.firstDrawAt) this.stats.firstDrawAt = performance.now();
+    this.canvas.dataset.nodes = String(this.stats.drawnNodes);
+    this.canvas.dataset.links = String(this.stats.drawnLinks);
+    if (!this.stats.firstDrawAt) {
+      performance.mark("viewer:drawn");
+      ctx.getImageData(0, 0, 1, 1); // wait for the pixels: first render means drawn, not queued
+      this.stats.firstDrawAt = performance.now();
+      performance.mark("viewer:painted");
+    }
   }
 
   _drawGrid() {
@@ -421,12 +465,14 @@ export class GraphCanvas {
     this.view.x = sx - (sx - this.view.x) * f;
     this.view.y = sy - (sy - this.view.y) * f;
     this.view.k = k;
+    this._movedAt = performance.now();
     this.redraw();
   }
 
   panBy(dx, dy) {
     this.view.x += dx;
     this.view.y += dy;
+    this._movedAt = performance.now();
     this.redraw();
   }
 

@@ -140,7 +140,9 @@ export class GraphPage {
     clear(this.status);
     this.loads++;
     const first = !this.model;
+    if (first) performance.mark("viewer:json");
     this.model = new GraphModel(doc);
+    if (first) performance.mark("viewer:model");
     if (first && doc.qParams) {
       if (!this.pinned.size) for (const id of doc.qParams.pinnedIds || []) this.pinned.add(id);
       this.supernodes = (doc.qParams.supernodes || []).map((s) => [...s]);
@@ -250,8 +252,8 @@ export class GraphPage {
   }
 
   _applyOnly() {
-    this.canvas.only = this.onlyPinned && this.pinned.size ? this.pinned : null;
-    this.canvas.redraw();
+    this.canvas.only = this.onlyPinned && this.pinned.size ? new Set(this.pinned) : null;
+    this.canvas.invalidate();
   }
 
   _renderSubgraph() {
