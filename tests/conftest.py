@@ -411,3 +411,29 @@ def toy_pipeline(tmp_path_factory):
                 qk_edges=0,
             ))  # fmt: skip
     return p
+
+
+@pytest.fixture
+def worker_process(live_server):
+    """A real `sparse-circuits worker` process on the live server's data dir and database
+    (short leases and polls, so that tests move quickly); stopped after the test."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    api = live_server.api
+    cmd = [
+        sys.executable, "-m", "sparse_circuits.cli", "worker", "--data-dir", str(api.data_dir),
+        "--database-url", api.database_url, "--poll-s", "0.2", "--heartbeat-s", "1",
+        "--lease-s", "15",
+    ]  # fmt: skip
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
