@@ -1,6 +1,6 @@
 """Pieces several stages share, each in one place: the early stop of a forward pass (harvest,
-feature statistics, the frozen replacement model) and the writer of circuit-tracer's CLT
-layout (save_clt and export)."""
+feature statistics, the frozen replacement model), the writer of circuit-tracer's CLT
+layout (save_clt and export); and the parts `sparsify` is split into."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sparse_circuits.clt.cltdir import save_clt
 from sparse_circuits.clt.export import ExportConfig, export
 from sparse_circuits.clt.model import CLTConfig, CrossLayerTranscoder
 from sparse_circuits.sparse_attention.hooks import capture, hooks, stop_after
+from sparse_circuits.sparse_attention.sparsify import constraint_loss, is_better_candidate
 
 
 def test_stop_after_ends_the_forward_pass_there(make_tiny_model):
@@ -63,3 +64,40 @@ def test_save_clt_and_export_write_the_layout_with_one_writer(tmp_path):
                 if dtype == "float32":  # the same writer: the same bytes
                     assert (tmp_path / "clt" / name).read_bytes() == (out / name).read_bytes()
         assert load_file(out / "W_dec_0.safetensors")["W_dec_0"][:, 1:].count_nonzero() == 0
+
+
+# ----------------------------------------------------------------------------- sparsify's parts
+
+
+def test_constraint_loss_is_open_fraction_plus_lambda_ce_plus_distillation(make_tiny_model):
+    model = make_tiny_model(gate_offset=None)
+    teacher = make_tiny_model(seed=1, gate_offset=None)
+    x = torch.randint(1, model.cfg.vocab_size, (4, 8), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, 1)
+    with torch.no_grad():
+        dense = teacher(x, y)
+    model.set_gate("stochastic", 0.5)
+    torch.manual_seed(0)
+    o = model(x, y)
+    loss, open_fraction, kl = constraint_loss(o, dense, lam=3.0, distill_weight=0.5)
+    # R from the gate statistics' definition: mean over layers, sequences and heads
+    R = sum(s.expected_open.mean() for s in o.gate_stats) / len(o.gate_stats)
+    p, q = dense.logits.softmax(-1), o.logits.softmax(-1)
+    kl_per_token = (p * (p.log() - q.log())).sum(-1).mean()  # KL(dense ‖ model), by hand
+    torch.testing.assert_close(open_fraction, R)
+    torch.testing.assert_close(kl, kl_per_token, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, R + 3.0 * o.loss + 0.5 * kl_per_token, atol=1e-5, rtol=1e-5)
+    plain, _, zero = constraint_loss(o, dense, lam=3.0, distill_weight=0.0)
+    assert zero == 0 and torch.allclose(plain, R + 3.0 * o.loss)
+
+
+def test_selection_keeps_sparser_weights_within_tau_and_accuracy():
+    kw = dict(tau=1.0, best_connectivity=0.2)
+    assert is_better_candidate({"loss": 0.99, "connectivity": 0.1}, **kw)
+    assert not is_better_candidate({"loss": 1.01, "connectivity": 0.1}, **kw)  # misses τ
+    assert not is_better_candidate({"loss": 0.9, "connectivity": 0.2}, **kw)  # not sparser
+    task = dict(dense_accuracy=0.99, accuracy_tolerance=0.005)
+    assert is_better_candidate({"loss": 0.9, "connectivity": 0.1, "accuracy": 0.986}, **kw, **task)
+    assert not is_better_candidate(
+        {"loss": 0.9, "connectivity": 0.1, "accuracy": 0.98}, **kw, **task
+    )

@@ -2,21 +2,33 @@
 while keeping its loss.
 
     minimise   R(θ) = mean expected open fraction of causal edges
-    subject to CE(θ) ≤ τ,   τ = max((1 + rel) · CE_dense, CE_dense + abs) on held-out data
+    subject to CE(θ) ≤ τ,   τ = max((1 + rel) · CE_dense, CE_dense + abs)
 
-    L = R + λ · (CE − τ)  [+ w · KL(dense ‖ model)]
-    λ ← clamp(λ · exp(clamp(η · EMA(CE_hard − τ), ±max_log_step)), λ_min, λ_max)   (GECO-style)
+    L = R + λ · CE  [+ w · KL(dense ‖ model)]     (the gradient of λ · (CE − τ): τ is a constant)
+    λ ← clamp(λ · exp(clamp(η · EMA(CE_hard − τ_batch), ±max_log_step)), λ_min, λ_max)   (GECO-style)
 
 CE in the loss is the noisy-gate CE that carries gradients; CE_hard, which drives λ, is the
 same batch's CE with deterministic gates, the model inference will run.
+
+Three τ, each from the dense model's CE on the data it is compared on:
+    τ_batch       each training batch's, from the dense CE on that same batch: drives λ (a
+                  held-out τ would compare a memorised training stream with unseen text)
+    τ_validation  on the validation sequences: chooses the weights kept (below)
+    τ_held-out    on the reported held-out sequences: `tau` and `within_tolerance` in
+                  metrics.json, beside the held-out `loss` they judge
 
 The gate offset b starts high (gates open) and is annealed to 0. The schedules are pure
 functions of the step, and λ with its EMA is checkpointed, so a killed run resumes exactly.
 
 λ can overshoot in either direction, so after annealing, every `select_every` steps the
-weights are checked on validation sequences (held out, and apart from the reported ones);
-the sparsest weights whose deterministic-gate CE keeps to τ there (and, on tasks, whose
-accuracy stays within `accuracy_tolerance` of dense) are the ones saved.
+weights are checked on the validation sequences (held out, and apart from the reported ones);
+the sparsest weights whose deterministic-gate CE keeps to τ_validation there (and, on tasks,
+whose accuracy stays within `accuracy_tolerance` of dense) are the ones saved.
+
+The run is split like `clt/train.py`: `sparsify` claims the output and drives the shared loop
+(`training.run_training`) over a `_Sparsifier`, whose phases are `__init__` (model, data,
+dense baselines), `step` (one update, from `constraint_loss` and `update_lambda`), `select`
+(the weights kept) and `finish` (final weights, metrics, the model dir).
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from ..io import claim_run_dir, load_tensors, save_tensors, write_json
 from .connectivity import evaluate
 from .data import DataSpec, TokenData, load_token_data, save_data_spec
 from .hooks import capture
-from .model import GateConfig, ModelOutput, Transformer, causal_pair_count
+from .model import GateConfig, GatedImpl, ModelOutput, Transformer, causal_pair_count
 from .modeldir import load_model, save_model
 from .plots import plot_attention_patterns
 from .training import OptimConfig, autocast, run_training
@@ -107,6 +119,11 @@ class SparsifyConfig(OptimConfig):
     figure_index: int = Field(
         0, ge=0, description="Held-out sequence drawn in attention_patterns.png."
     )
+    gated_impl: GatedImpl = Field(
+        "tiled",
+        description="Gated attention: 'tiled' (one operation, no T x T tensor, the same results) "
+        "or 'reference' (materialises the pattern).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SparsifyConfig:
@@ -175,101 +192,139 @@ def dense_reference(
     return forward
 
 
+def constraint_loss(
+    o: ModelOutput, dense: ModelOutput, lam: float, distill_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Lagrangian of one batch: (L, R, KL) with R the mean expected open fraction of the
+    noisy-gate output `o`, L = R + λ · CE [+ w · KL(dense ‖ model) per token]."""
+    open_fraction = torch.stack([s.expected_open for s in o.gate_stats]).mean()  # over L,B,H
+    loss = open_fraction + lam * o.loss
+    kl = torch.zeros((), device=o.logits.device)
+    if distill_weight > 0:
+        kl = (
+            F.kl_div(
+                o.logits.float().log_softmax(-1),
+                dense.logits.float().log_softmax(-1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            / o.logits.shape[1]
+        )
+        loss = loss + distill_weight * kl
+    return loss, open_fraction, kl
+
+
+def is_better_candidate(
+    check: dict[str, float],
+    *,
+    tau: float,
+    best_connectivity: float,
+    dense_accuracy: float | None = None,
+    accuracy_tolerance: float = 0.0,
+) -> bool:
+    """Whether weights that scored `check` (loss, connectivity[, accuracy]) on the validation
+    sequences replace the best kept so far: within τ, accurate enough on tasks, and sparser."""
+    accurate = dense_accuracy is None or check["accuracy"] >= dense_accuracy - accuracy_tolerance
+    return check["loss"] <= tau and accurate and check["connectivity"] < best_connectivity
+
+
 def sparsify(cfg: SparsifyConfig) -> Path:
+    """Post-train `cfg.model` into a sparsified model dir at `cfg.out` (resumed if it holds
+    this run); return the dir."""
     device = resolve_device(cfg.device)
     out = claim_run_dir(cfg.out, "sparsify", cfg.model_dump(mode="json", exclude={"device"}))
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, device)
-    if model.cfg.gate is not None:
-        raise StageError(
-            f"{cfg.model} is already sparsified; post-train the dense model it came from"
-        )
-    data = _data_for(cfg)
-    if data.context_length > model.cfg.context_length:
-        raise StageError(
-            f"context length {data.context_length} is longer than the model's {model.cfg.context_length}"
-        )
-    task = data.spec.task
-    held_x, held_y = (
-        data.heldout_inputs[: cfg.eval_sequences],
-        data.heldout_targets[: cfg.eval_sequences],
+    run = _Sparsifier(cfg, out, device)
+    run_training(
+        model=run.trainee,
+        cfg=cfg,
+        out=out,
+        step_fn=run.step,
+        extra_state=run.state,
+        after_step=run.select,
+        desc=f"sparsify {out.name}",
     )
+    return run.finish()
 
-    model.set_gate("off")
-    dense = evaluate(model, held_x, held_y, batch_size=cfg.eval_batch_size, task=task)
-    tau = tolerance(dense["loss"], cfg.tolerance_rel, cfg.tolerance_abs)
-    log.info("dense CE on the held-out set %.4f: τ_held-out = %.4f", dense["loss"], tau)
-    sample = held_x[cfg.figure_index % held_x.shape[0]].unsqueeze(0)
-    dense_patterns = _patterns(model, sample)
 
-    trainee: torch.nn.Module = wrap_lora(model, cfg.lora_rank) if cfg.lora_rank else model
-    dense_forward = dense_reference(model, trainee, lora=bool(cfg.lora_rank))
-    state = {"lambda": cfg.lambda_init, "ema": 0.0, "best_step": -1, "best_connectivity": 2.0}
-    anneal_steps = int(cfg.gate_offset_anneal * cfg.steps)
-    n_eval = held_x.shape[0]
-    val_x = data.heldout_inputs[n_eval : n_eval + cfg.select_sequences]
-    val_y = data.heldout_targets[n_eval : n_eval + cfg.select_sequences]
-    best_path = out / "best.safetensors"
+class _Sparsifier:
+    """One post-training run: the model and its dense reference, the data, the held-out and
+    validation baselines, and λ's state (checkpointed with the weights)."""
 
-    dense_val = (
-        evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, task=task)
-        if len(val_x)
-        else {}
-    )
-    tau_val = (
-        tolerance(dense_val["loss"], cfg.tolerance_rel, cfg.tolerance_abs) if dense_val else tau
-    )
-    if dense_val:
+    def __init__(self, cfg: SparsifyConfig, out: Path, device: torch.device):
+        self.cfg, self.out, self.device = cfg, out, device
+        self.model, self.tokenizer = load_model(cfg.model, device)
+        self.model.set_gated_impl(cfg.gated_impl)
+        if self.model.cfg.gate is not None:
+            raise StageError(
+                f"{cfg.model} is already sparsified; post-train the dense model it came from"
+            )
+        self.data = data = _data_for(cfg)
+        if data.context_length > self.model.cfg.context_length:
+            raise StageError(
+                f"context length {data.context_length} is longer than the model's "
+                f"{self.model.cfg.context_length}"
+            )
+        self.task = data.spec.task
+        n_eval = min(cfg.eval_sequences, data.heldout_inputs.shape[0])
+        self.held = (data.heldout_inputs[:n_eval], data.heldout_targets[:n_eval])
+        end = n_eval + cfg.select_sequences
+        self.val = (data.heldout_inputs[n_eval:end], data.heldout_targets[n_eval:end])
+        self.anneal_steps = int(cfg.gate_offset_anneal * cfg.steps)
+        self.best_path = out / "best.safetensors"
+
+        self.model.set_gate("off")
+        self.dense = self._evaluate(*self.held)
+        self.tau = tolerance(self.dense["loss"], cfg.tolerance_rel, cfg.tolerance_abs)
         log.info(
-            "dense CE on the validation set %.4f: τ_validation = %.4f (chooses the weights kept; "
-            "λ follows each training batch against its own dense CE)",
-            dense_val["loss"],
-            tau_val,
+            "dense CE on the held-out set %.4f: τ_held-out = %.4f", self.dense["loss"], self.tau
         )
-
-    def select(step: int) -> None:
-        """Keep the sparsest weights that meet the constraint on the validation sequences."""
-        if val_x.shape[0] == 0 or step < anneal_steps or (step + 1) % cfg.select_every:
-            return
-        model.set_gate("hard", 0.0)
-        check = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, task=task)
-        accurate = (
-            task is None or check["accuracy"] >= dense_val["accuracy"] - cfg.accuracy_tolerance
+        self.dense_val = self._evaluate(*self.val) if len(self.val[0]) else {}
+        self.tau_val = (
+            tolerance(self.dense_val["loss"], cfg.tolerance_rel, cfg.tolerance_abs)
+            if self.dense_val
+            else self.tau
         )
-        if (
-            check["loss"] <= tau_val
-            and accurate
-            and check["connectivity"] < state["best_connectivity"]
-        ):
-            save_tensors(
-                best_path, {k: v.clone() for k, v in trainee.state_dict().items()}
-            )  # clone: tied weights
-            state["best_step"], state["best_connectivity"] = step + 1, check["connectivity"]
+        if self.dense_val:
+            log.info(
+                "dense CE on the validation set %.4f: τ_validation = %.4f (chooses the weights kept; "
+                "λ follows each training batch against its own dense CE)",
+                self.dense_val["loss"],
+                self.tau_val,
+            )
+        held_x = self.held[0]
+        self.sample = held_x[cfg.figure_index % held_x.shape[0]].unsqueeze(0)
+        self.dense_patterns = _patterns(self.model, self.sample)
 
-    def step_fn(step: int) -> dict[str, float]:
-        offset = gate_offset_at(step, start=cfg.gate_offset_start, anneal_steps=anneal_steps)
-        x, y = data.batch(step, cfg.batch_size, cfg.seed)
-        x, y = x.to(device), y.to(device)
-        with autocast(device):
-            dense_out = dense_forward(x, y)
+        self.trainee: torch.nn.Module = (
+            wrap_lora(self.model, cfg.lora_rank) if cfg.lora_rank else self.model
+        )
+        self.dense_forward = dense_reference(self.model, self.trainee, lora=bool(cfg.lora_rank))
+        self.state = {
+            "lambda": cfg.lambda_init,
+            "ema": 0.0,
+            "best_step": -1,
+            "best_connectivity": 2.0,
+        }
+
+    def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        return evaluate(self.model, x, y, batch_size=self.cfg.eval_batch_size, task=self.task)
+
+    # ------------------------------------------------------------------ the phases
+
+    def step(self, step: int) -> dict[str, float]:
+        """Forward and backward of one batch, then λ's update; the metrics line."""
+        cfg, model, trainee, state = self.cfg, self.model, self.trainee, self.state
+        offset = gate_offset_at(step, start=cfg.gate_offset_start, anneal_steps=self.anneal_steps)
+        x, y = self.data.batch(step, cfg.batch_size, cfg.seed)
+        x, y = x.to(self.device), y.to(self.device)
+        with autocast(self.device):
+            dense_out = self.dense_forward(x, y)
             model.set_gate("stochastic", offset)
             o = trainee(x, y)
-            expected = torch.stack([s.expected_open for s in o.gate_stats])  # L,B,H
-            open_fraction = expected.mean()
-            loss = open_fraction + state["lambda"] * o.loss
-            kl = torch.zeros(())
-            if cfg.distill_weight > 0:
-                t_logits = dense_out.logits
-                kl = (
-                    F.kl_div(
-                        o.logits.float().log_softmax(-1),
-                        t_logits.float().log_softmax(-1),
-                        log_target=True,
-                        reduction="batchmean",
-                    )
-                    / x.shape[1]
-                )
-                loss = loss + cfg.distill_weight * kl
+            loss, open_fraction, kl = constraint_loss(
+                o, dense_out, state["lambda"], cfg.distill_weight
+            )
         loss.backward()
         # λ follows the deterministic-gate CE, the one inference has: the noisy-gate CE sits
         # above τ by the noise alone, which would ratchet λ to its clamp and stall sparsity.
@@ -297,63 +352,74 @@ def sparsify(cfg: SparsifyConfig) -> Path:
             "kl": kl.item(),
         }
 
-    run_training(
-        model=trainee,
-        cfg=cfg,
-        out=out,
-        step_fn=step_fn,
-        extra_state=state,
-        after_step=select,
-        desc=f"sparsify {out.name}",
-    )
-    if state["best_step"] >= 0:
-        trainee.load_state_dict(load_tensors(best_path))
-        log.info(
-            "final weights: step %d (validation connectivity %.4f)",
-            state["best_step"],
-            state["best_connectivity"],
-        )
-    elif len(val_x):
-        log.warning(
-            "no checkpoint kept the validation CE within τ_validation = %.4f: the final weights are saved, "
-            "but they miss the tolerance; rerun with more steps or a smaller --lambda-max-log-step",
-            tau_val,
-        )
-    if cfg.lora_rank:
-        model = trainee.merge_and_unload()
+    def select(self, step: int) -> None:
+        """Keep the sparsest weights that meet the constraint on the validation sequences."""
+        cfg, state = self.cfg, self.state
+        if len(self.val[0]) == 0 or step < self.anneal_steps or (step + 1) % cfg.select_every:
+            return
+        self.model.set_gate("hard", 0.0)
+        check = self._evaluate(*self.val)
+        if is_better_candidate(
+            check, tau=self.tau_val, best_connectivity=state["best_connectivity"],
+            dense_accuracy=self.dense_val.get("accuracy") if self.task is not None else None,
+            accuracy_tolerance=cfg.accuracy_tolerance,
+        ):  # fmt: skip
+            state_dict = {
+                k: v.clone() for k, v in self.trainee.state_dict().items()
+            }  # tied weights
+            save_tensors(self.best_path, state_dict)
+            state["best_step"], state["best_connectivity"] = step + 1, check["connectivity"]
 
-    model.cfg = model.cfg.model_copy(update={"gate": GateConfig(offset=0.0)})
-    model.set_gate("hard", 0.0)
-    sparse = evaluate(model, held_x, held_y, batch_size=cfg.eval_batch_size, task=task)
-    metrics = {
-        "dense_loss": dense["loss"],
-        "tau": tau,
-        **sparse,
-        "lambda": state["lambda"],
-        "steps": cfg.steps,
-        "selected_step": state["best_step"] if state["best_step"] >= 0 else cfg.steps,
-        "within_tolerance": sparse["loss"] <= tau,
-    }
-    if task is not None:
-        metrics["dense_accuracy"] = dense["accuracy"]
-    save_model(model, out, tokenizer or data.tokenizer)  # metrics.json last: it marks completion
-    save_data_spec(out, data.spec)
-    plot_attention_patterns(
-        dense_patterns,
-        _patterns(model, sample),
-        out / "attention_patterns.png",
-        tokens=[data.tokenizer.id_to_token(int(t)) for t in sample[0]],
-    )
-    write_json(out / "metrics.json", metrics)
-    log.info(
-        "sparse: held-out CE %.4f (dense %.4f, τ_held-out %.4f), connectivity %.4f, keys/query %.3f",
-        sparse["loss"],
-        dense["loss"],
-        tau,
-        sparse["connectivity"],
-        sparse["keys_per_query"],
-    )
-    return out
+    def finish(self) -> Path:
+        """The kept weights, merged and hard-gated; held-out metrics; the model dir with its
+        data spec and picture, metrics.json last (it marks the run complete)."""
+        cfg, state, out = self.cfg, self.state, self.out
+        if state["best_step"] >= 0:
+            self.trainee.load_state_dict(load_tensors(self.best_path))
+            log.info(
+                "final weights: step %d (validation connectivity %.4f)",
+                state["best_step"],
+                state["best_connectivity"],
+            )
+        elif len(self.val[0]):
+            log.warning(
+                "no checkpoint kept the validation CE within τ_validation = %.4f: the final weights are saved, "
+                "but they miss the tolerance; rerun with more steps or a smaller --lambda-max-log-step",
+                self.tau_val,
+            )
+        model = self.trainee.merge_and_unload() if cfg.lora_rank else self.model
+        model.cfg = model.cfg.model_copy(update={"gate": GateConfig(offset=0.0)})
+        model.set_gate("hard", 0.0)
+        sparse = evaluate(model, *self.held, batch_size=cfg.eval_batch_size, task=self.task)
+        metrics = {
+            "dense_loss": self.dense["loss"],
+            "tau": self.tau,
+            **sparse,
+            "lambda": state["lambda"],
+            "steps": cfg.steps,
+            "selected_step": state["best_step"] if state["best_step"] >= 0 else cfg.steps,
+            "within_tolerance": sparse["loss"] <= self.tau,
+        }
+        if self.task is not None:
+            metrics["dense_accuracy"] = self.dense["accuracy"]
+        save_model(model, out, self.tokenizer or self.data.tokenizer)  # metrics.json last
+        save_data_spec(out, self.data.spec)
+        plot_attention_patterns(
+            self.dense_patterns,
+            _patterns(model, self.sample),
+            out / "attention_patterns.png",
+            tokens=[self.data.tokenizer.id_to_token(int(t)) for t in self.sample[0]],
+        )
+        write_json(out / "metrics.json", metrics)
+        log.info(
+            "sparse: held-out CE %.4f (dense %.4f, τ_held-out %.4f), connectivity %.4f, keys/query %.3f",
+            sparse["loss"],
+            self.dense["loss"],
+            self.tau,
+            sparse["connectivity"],
+            sparse["keys_per_query"],
+        )
+        return out
 
 
 def _data_for(cfg: SparsifyConfig) -> TokenData:
