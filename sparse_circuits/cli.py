@@ -57,7 +57,12 @@ class PlainCommand(NamedTuple):
     help: str
 
 
-PLAIN_COMMANDS: dict[str, PlainCommand] = {}
+PLAIN_COMMANDS: dict[str, PlainCommand] = {
+    "keys": PlainCommand(
+        "sparse_circuits.server.cli", "add_keys_arguments", "keys",
+        "API keys for the service: create NAME (the secret shown once), list, revoke ID",
+    ),
+}  # fmt: skip
 
 HELP_CACHE = "cli_flags.json"  # every config command's flags, so that --help needs no torch
 

@@ -513,3 +513,83 @@ def test_fuzz_openapi_no_5xx_and_refusals_write_nothing(api, snapshot, make_tiny
                 assert mode is schemathesis.GenerationMode.NEGATIVE
     assert len(statuses) > 500 and any(400 <= s < 500 for s in statuses)
     assert not failures, failures[:10]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_keys_cli_stores_only_the_hash(tmp_path, capsys):
+    import hashlib
+
+    from sqlalchemy import select
+
+    from sparse_circuits.cli import main
+    from sparse_circuits.jobs.db import ApiKey, database_url, make_engine, make_sessionmaker
+
+    data = tmp_path / "data"
+    assert main(["keys", "create", "alice", "--data-dir", str(data)]) == 0
+    secret = capsys.readouterr().out.strip().splitlines()[-1]
+    assert secret.startswith("sc_") and len(secret) > 30
+    engine = make_engine(database_url(data))
+    with make_sessionmaker(engine)() as s:
+        (key,) = s.scalars(select(ApiKey)).all()
+        assert key.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
+        assert key.name == "alice" and secret[:10] == key.prefix
+    stored = (data / "sparse-circuits.db").read_bytes()
+    assert secret.encode() not in stored
+    assert main(["keys", "list", "--data-dir", str(data)]) == 0
+    listed = capsys.readouterr().out
+    assert key.id in listed and "alice" in listed and secret not in listed
+    assert main(["keys", "revoke", key.id, "--data-dir", str(data)]) == 0
+    assert main(["keys", "revoke", "nope", "--data-dir", str(data)]) == 2
+    capsys.readouterr()
+    main(["keys", "list", "--data-dir", str(data)])
+    assert "revoked" in capsys.readouterr().out
+    engine.dispose()
+
+
+def test_serve_command_runs_the_api_with_a_worker(tmp_path):
+    """`sparse-circuits serve` as a user starts it: SQLite made in the data dir, a key from
+    `keys create`, one worker that runs a submitted job, the worker stopped with the server."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from sparse_circuits.client import Client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = tmp_path / "data"
+    cli = [sys.executable, "-m", "sparse_circuits.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    made = subprocess.run([*cli, "keys", "create", "me", "--data-dir", str(data)],
+                          capture_output=True, text=True, check=True, env=env)  # fmt: skip
+    secret = made.stdout.strip().splitlines()[-1]
+    server = subprocess.Popen(
+        [*cli, "serve", "--data-dir", str(data), "--port", str(port), "--log-level", "warning"],
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.3)
+        with Client(url, api_key=secret) as sc:
+            config = {**TOY, "steps": 10, "batch_size": 8, "device": "cpu"}
+            job = sc.wait(sc.submit("train-toy", config), progress=False, timeout=300)
+            assert job.state == "succeeded" and job.artifacts[0].kind == "model"
+            assert job.host and job.pid
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    worker_alive = subprocess.run(["pgrep", "-f", f"worker --data-dir {data}"], capture_output=True)
+    assert worker_alive.returncode == 1, worker_alive.stdout  # no worker left behind

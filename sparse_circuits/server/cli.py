@@ -40,9 +40,14 @@ def serve(cfg: ServeConfig) -> None:
     """Serve until interrupted; the worker (if any) is stopped with the server."""
     import uvicorn  # noqa: PLC0415
 
+    from ..jobs.db import database_url, migrate  # noqa: PLC0415
     from .app import create_app  # noqa: PLC0415
 
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    _quiet_alembic()
+    url = database_url(cfg.data_dir, cfg.database_url)
+    if url.startswith("sqlite") and cfg.migrate_on_start:
+        migrate(url)  # before the worker starts, so that the two never race to create tables
     app = create_app(cfg.settings())
     worker = start_worker(cfg) if cfg.worker else None
     base = f"http://{_display_host(cfg.host)}:{cfg.port}"
@@ -87,6 +92,12 @@ def _newest_graph(cfg: ServeConfig) -> str | None:
             )
     finally:
         engine.dispose()
+
+
+def _quiet_alembic() -> None:
+    """alembic's INFO lines (plugins, DDL mode) say nothing a user acts on; -v keeps them."""
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _display_host(host: str) -> str:
@@ -145,6 +156,7 @@ def keys(args: argparse.Namespace) -> int:
     from ..jobs.db import database_url, make_engine, make_sessionmaker, migrate  # noqa: PLC0415
     from .keys import create_key, list_keys, revoke_key  # noqa: PLC0415
 
+    _quiet_alembic()
     url = database_url(args.data_dir, args.database_url)
     if url.startswith("sqlite"):
         args.data_dir.mkdir(parents=True, exist_ok=True)
