@@ -2,15 +2,21 @@
 
 What is compared, side by side in one run, on the same weights and the same input:
   dense  - gate mode "off": `F.scaled_dot_product_attention(is_causal=True)` (never holds T x T)
-  gated  - gate mode "stochastic" (the post-training mode): the checkpointed
-           `gated_attention_core` (via `gated_pattern`), which materialises this layer's T x T tensors
+  gated  - gate mode "stochastic" (the post-training mode), the reference path
+           (`gated_impl="reference"`): the checkpointed `gated_attention_core` (via
+           `gated_pattern`), which materialises this layer's T x T tensors
+  tiled  - gate mode "stochastic", `gated_impl="tiled"`: the one tiled operation of
+           gated_attention.py (online softmax, noise hashed per tile, no T x T tensor)
 Rows:
-  layer  - one `CausalSelfAttention` (projections included), fwd + bwd of x -> out
+  layer  - one `CausalSelfAttention` (projections included), fwd + bwd of x -> out, plus the
+           gate statistic that post-training penalises (expected open fraction) for the
+           gated variants; "gated" is left out above --reference-max-len (its T x T tensors)
+  layer, hard, fwd - inference: hard gates, forward only under no_grad, at --hard-seq-len
   model  - a small `Transformer` (4 layers by default), fwd + bwd of the next-token loss;
-           a third variant, "gated, no ckpt", runs the same gated core without the
-           activation checkpoint, to show what the checkpoint saves: with it, peak memory
-           grows by about one layer's T x T working set; without it, by L layers' saved T x T
-           tensors.
+           a variant "gated, no ckpt" runs the reference core without the activation
+           checkpoint, to show what the checkpoint saves: with it, peak memory grows by
+           about one layer's T x T working set; without it, by L layers' saved T x T tensors.
+The issue's aim for "tiled" (issue 13): at T = 2048, at most 1.5x SDPA's time and peak memory.
 
 Time: median wall time of fwd+bwd over `repeats` runs after one warm-up, the variants
 interleaved run by run so a neighbour's load on a shared machine hits them alike.
@@ -28,8 +34,11 @@ the upstream gradient exist beforehand and are not counted; parameter gradients 
 Memory is also given in units of one layer's T x T fp32 tensor (B*H*T*T*4 bytes), which is
 what the gated path adds over dense.
 
+The load average (1 min) is recorded before and after each row: on a shared machine it says
+how much the figures beside it can be trusted.
+
 Run from the repository root:
-    python benchmarks/bench_attention.py                      # CPU defaults, 1-3 min on 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/bench_attention.py    # CPU defaults, a few minutes
     python benchmarks/bench_attention.py --device cuda --batch 8 --d-model 768 --heads 12
 Writes benchmarks/results/attention.json and prints a markdown table.
 """
@@ -59,13 +68,22 @@ from sparse_circuits.sparse_attention.model import (  # noqa: E402
 )
 
 MiB = 2**20
-DEFAULT_REPEATS = {256: 10, 1024: 5, 2048: 3}  # fewer at long T keeps a 2-core run near 3 min
+DEFAULT_REPEATS = {256: 10, 1024: 5, 2048: 3, 4096: 2}  # fewer at long T: a run of minutes
 MODEL_REPEATS = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 2048])
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 2048, 4096])
+    ap.add_argument(
+        "--reference-max-len",
+        type=int,
+        default=2048,
+        help="longest T at which the reference gated path runs (it holds T x T tensors)",
+    )
+    ap.add_argument(
+        "--hard-seq-len", type=int, default=2048, help="T of the hard-gate forward row (0 skips it)"
+    )
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -179,37 +197,74 @@ def tt_bytes(args: argparse.Namespace, T: int, dtype: torch.dtype) -> int:
 
 
 def bench_layer(args, T: int, device: torch.device, dtype: torch.dtype) -> dict:
+    load = os.getloadavg()[0]
     torch.manual_seed(args.seed)
     attn = CausalSelfAttention(make_config(args, T, 1)).to(device, dtype)
     x = torch.randn(args.batch, T, args.d_model, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn_like(x)
     params = [x, *attn.parameters()]
 
-    def variant(mode: str) -> Callable[[], None]:
+    def variant(mode: str, impl: str = "reference") -> Callable[[], None]:
         def run() -> torch.Tensor:
-            attn.gate_mode = mode
-            return (attn(x, None) * grad_out).sum()  # backward seeds d out = grad_out
+            attn.gate_mode, attn.gated_impl = mode, impl
+            loss = (attn(x, None) * grad_out).sum()  # backward seeds d out = grad_out
+            if mode != "off":  # and the penalty on the expected open fraction, as post-training
+                loss = loss + attn.last_gate_stats.expected_open.sum()
+            return loss
 
         return fwd_bwd(run, params)
 
-    steps = {"dense": variant("off"), "gated": variant("stochastic")}
-    repeats = args.repeats or DEFAULT_REPEATS.get(T, 3)
+    steps = {"dense": variant("off")}
+    if T <= args.reference_max_len:
+        steps["gated"] = variant("stochastic", "reference")
+    steps["tiled"] = variant("stochastic", "tiled")
+    repeats = args.repeats or DEFAULT_REPEATS.get(T, 2)
     seconds = time_side_by_side(steps, repeats, device)
     peaks = {name: peak_bytes(step, device) for name, step in steps.items()}
-    return row("layer", T, repeats, seconds, peaks, tt_bytes(args, T, dtype))
+    return row("layer", T, repeats, seconds, peaks, tt_bytes(args, T, dtype), load)
+
+
+def bench_hard_forward(args, T: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Inference: hard gates, one layer's forward under no_grad."""
+    load = os.getloadavg()[0]
+    torch.manual_seed(args.seed)
+    attn = CausalSelfAttention(make_config(args, T, 1)).to(device, dtype)
+    x = torch.randn(args.batch, T, args.d_model, device=device, dtype=dtype)
+
+    def variant(mode: str, impl: str = "reference") -> Callable[[], None]:
+        @torch.no_grad()
+        def step() -> None:
+            attn.gate_mode, attn.gated_impl = mode, impl
+            attn(x, None)
+
+        return step
+
+    steps = {"dense": variant("off")}
+    if T <= args.reference_max_len:
+        steps["gated"] = variant("hard", "reference")
+    steps["tiled"] = variant("hard", "tiled")
+    repeats = args.repeats or DEFAULT_REPEATS.get(T, 2)
+    seconds = time_side_by_side(steps, repeats, device)
+    peaks = {name: peak_bytes(step, device) for name, step in steps.items()}
+    return row("layer, hard, fwd", T, repeats, seconds, peaks, tt_bytes(args, T, dtype), load)
 
 
 def bench_model(args, T: int, device: torch.device, dtype: torch.dtype) -> dict:
+    load = os.getloadavg()[0]
     torch.manual_seed(args.seed)
     model = Transformer(make_config(args, T, args.layers)).to(device, dtype)
     tokens = torch.randint(0, 256, (args.batch, T + 1), device=device)
     params = list(model.parameters())
 
-    def variant(mode: str, ckpt: bool = True) -> Callable[[], None]:
+    def variant(mode: str, impl: str = "reference", ckpt: bool = True) -> Callable[[], None]:
         def run() -> torch.Tensor:
             model.set_gate(mode, offset=0.0)
+            model.set_gated_impl(impl)
             with contextlib.nullcontext() if ckpt else no_activation_checkpoint():
-                return model(tokens[:, :-1], tokens[:, 1:]).loss
+                out = model(tokens[:, :-1], tokens[:, 1:])
+            if mode == "off":
+                return out.loss
+            return out.loss + sum(s.expected_open.mean() for s in out.gate_stats)
 
         return fwd_bwd(run, params)
 
@@ -217,16 +272,19 @@ def bench_model(args, T: int, device: torch.device, dtype: torch.dtype) -> dict:
         "dense": variant("off"),
         "gated": variant("stochastic"),
         "gated, no ckpt": variant("stochastic", ckpt=False),
+        "tiled": variant("stochastic", "tiled"),
     }
     repeats = args.repeats or MODEL_REPEATS
     seconds = time_side_by_side(steps, repeats, device)
     peaks = {name: peak_bytes(step, device) for name, step in steps.items()}
     return row(
-        f"model ({args.layers} layers)", T, repeats, seconds, peaks, tt_bytes(args, T, dtype)
+        f"model ({args.layers} layers)", T, repeats, seconds, peaks, tt_bytes(args, T, dtype), load
     )
 
 
-def row(what: str, T: int, repeats: int, seconds: dict, peaks: dict, tt: int) -> dict:
+def row(
+    what: str, T: int, repeats: int, seconds: dict, peaks: dict, tt: int, load_before: float
+) -> dict:
     return {
         "what": what,
         "T": T,
@@ -237,6 +295,7 @@ def row(what: str, T: int, repeats: int, seconds: dict, peaks: dict, tt: int) ->
         "time_ratio": {k: seconds[k] / seconds["dense"] for k in seconds if k != "dense"},
         "memory_ratio": {k: peaks[k] / peaks["dense"] for k in peaks if k != "dense"},
         "extra_over_dense_tt": {k: (peaks[k] - peaks["dense"]) / tt for k in peaks if k != "dense"},
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
     }
 
 
@@ -245,19 +304,35 @@ def row(what: str, T: int, repeats: int, seconds: dict, peaks: dict, tt: int) ->
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| what | T | variant | fwd+bwd ms | time ratio | peak MiB | memory ratio | peak / T×T |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| what | T | variant | ms | time / SDPA | peak MiB | memory / SDPA | peak / T×T | load |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        load = "{:.1f}–{:.1f}".format(*r["load_average_before_after"])
         for name in r["seconds"]:
             time_ratio = r["time_ratio"].get(name, 1.0)
             mem_ratio = r["memory_ratio"].get(name, 1.0)
             lines.append(
                 f"| {r['what']} | {r['T']} | {name} | {1e3 * r['seconds'][name]:.1f} "
                 f"| {time_ratio:.2f} | {r['peak_bytes'][name] / MiB:.1f} | {mem_ratio:.2f} "
-                f"| {r['peak_bytes'][name] / r['tt_bytes']:.2f} |"
+                f"| {r['peak_bytes'][name] / r['tt_bytes']:.2f} | {load} |"
             )
     return "\n".join(lines)
+
+
+def aims(rows: list[dict], T: int = 2048) -> dict | None:
+    """Issue 13's aim for the tiled operation at T = 2048: <= 1.5x SDPA's time and peak memory."""
+    for r in rows:
+        if r["what"] == "layer" and r["T"] == T:
+            time_ratio, mem_ratio = r["time_ratio"]["tiled"], r["memory_ratio"]["tiled"]
+            return {
+                "T": T,
+                "time_ratio": time_ratio,
+                "memory_ratio": mem_ratio,
+                "time_met": time_ratio <= 1.5,
+                "memory_met": mem_ratio <= 1.5,
+            }
+    return None
 
 
 def main(argv=None) -> None:
@@ -270,6 +345,9 @@ def main(argv=None) -> None:
     for T in args.seq_lens:
         rows.append(bench_layer(args, T, device, dtype))
         print(f"layer T={T} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    if args.hard_seq_len:
+        rows.append(bench_hard_forward(args, args.hard_seq_len, device, dtype))
+        print(f"hard forward done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if args.model_seq_len:
         rows.append(bench_model(args, args.model_seq_len, device, dtype))
     setup = {
@@ -290,16 +368,24 @@ def main(argv=None) -> None:
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "wall_seconds": time.perf_counter() - t0,
     }
-    write_json(args.out, {"setup": setup, "rows": rows})
+    aim = aims(rows)
+    write_json(args.out, {"setup": setup, "rows": rows, "aim_at_2048": aim})
     print(
         f"{setup['device_name']}, torch {setup['torch']}, {setup['threads']} threads, {args.dtype}, "
-        f"B={args.batch} d_model={args.d_model} H={args.heads}; ratios are variant / dense\n"
+        f"B={args.batch} d_model={args.d_model} H={args.heads}; ratios are variant / dense (SDPA); "
+        "load: 1-min load average before–after the row\n"
     )
     print(markdown(rows))
     for r in rows:
         extra = ", ".join(f"{k} +{v:.1f}" for k, v in r["extra_over_dense_tt"].items())
         print(f"\n{r['what']}, T={r['T']}: peak over dense, in T×T units: {extra}", end="")
     print()
+    if aim is not None:
+        print(
+            f"\naim at T={aim['T']} (tiled ≤ 1.5× SDPA): time {aim['time_ratio']:.2f}× "
+            f"({'met' if aim['time_met'] else 'not met'}), peak memory {aim['memory_ratio']:.2f}× "
+            f"({'met' if aim['memory_met'] else 'not met'})"
+        )
     print(f"\nwrote {args.out}")
 
 
