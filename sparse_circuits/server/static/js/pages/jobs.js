@@ -57,8 +57,8 @@ export async function jobsView(root) {
       "tr",
       { dataset: { job: j.id, state: j.state }, class: j.id === current ? "current" : "" },
       el("td", {}, el("button", { type: "button", class: "linkish mono", onclick: () => show(j.id) }, j.id.slice(0, 12))),
-      el("td", {}, j.kind),
-      el("td", {}, el("span", { class: `state state-${j.state}` }, j.state), j.cancel_requested && !TERMINAL.has(j.state) ? el("span", { class: "badge" }, "cancelling") : null),
+      el("td", { class: "nowrap" }, j.kind),
+      el("td", {}, el("span", { class: `state state-${j.state}`, title: j.error || null }, j.state), j.cancel_requested && !TERMINAL.has(j.state) ? el("span", { class: "badge" }, "cancelling") : null),
       el(
         "td",
         {},
@@ -90,6 +90,8 @@ export async function jobsView(root) {
         { class: "facts" },
         [
           ["state", el("span", { class: `state state-${j.state}` }, j.state)],
+          ["progress", j.total ? `${fmt(j.step || 0)} / ${fmt(j.total)}${j.progress_desc ? ` ${j.progress_desc}` : ""}` : "–"],
+          ["attempts", `${j.attempts} of ${j.max_attempts}`],
           ["created", when(j.created_at)],
           ["started", when(j.started_at)],
           ["finished", when(j.finished_at)],
