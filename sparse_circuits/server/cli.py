@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -28,6 +29,12 @@ class ServeConfig(ServerSettings):
     )
     worker: bool = Field(True, description="Start one job worker process beside the server.")
     concurrency: int = Field(1, ge=1, description="Jobs the worker runs at once.")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="Where the worker runs jobs: child processes here, or Ray jobs."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray head's job submission address, http://HEAD:8265 (--backend ray)."
+    )
     log_level: str = Field("info", description="uvicorn's log level.")
 
     def settings(self) -> ServerSettings:
@@ -108,7 +115,9 @@ def worker_command(cfg: ServeConfig) -> list[str]:
     cmd = [sys.executable, "-m", "sparse_circuits.cli", "worker", "--data-dir", str(cfg.data_dir)]
     if cfg.database_url:
         cmd += ["--database-url", cfg.database_url]
-    cmd += ["--concurrency", str(cfg.concurrency)]
+    cmd += ["--concurrency", str(cfg.concurrency), "--backend", cfg.backend]
+    if cfg.ray_address:
+        cmd += ["--ray-address", cfg.ray_address]
     return cmd
 
 
