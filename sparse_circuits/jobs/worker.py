@@ -383,11 +383,10 @@ def open_database(cfg: WorkerConfig) -> sessionmaker:
     return make_sessionmaker(engine)
 
 
-def _serve_metrics(port: int) -> None:
-    from prometheus_client import start_http_server  # noqa: PLC0415
+def _serve_metrics(worker: Worker, port: int) -> None:
+    from .worker_metrics import serve_worker_metrics  # noqa: PLC0415
 
-    start_http_server(port)
-    log.info("worker metrics on :%d/metrics", port)
+    serve_worker_metrics(worker, port)
 
 
 def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
@@ -396,7 +395,7 @@ def run_worker(cfg: WorkerConfig, stop: threading.Event | None = None) -> None:
     if stop is not None:
         worker.stop_event = stop
     if cfg.metrics_port is not None:
-        _serve_metrics(cfg.metrics_port)
+        _serve_metrics(worker, cfg.metrics_port)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: worker.stop_event.set())
