@@ -31,7 +31,7 @@ Per (batch, head) gate statistics, accumulated tile by tile:
 Backward, with G_ij = dO_i . v_j, A = p * z and Delta_i = dO_i . o_i = sum_j A_ij G_ij:
     dv_j  = sum_i A_ij dO_i
     ds_ij = p_ij (G_ij z_ij - Delta_i)                 the softmax
-          + p_ij G_ij sig(n_ij) (1 - sig(n_ij))        the straight-through gate (stochastic)
+          + p_ij G_ij sig'(n_ij)                       the straight-through gate (stochastic)
           + dE_bh / count * sig(g_ij) (1 - sig(g_ij))  the expected-open statistic
     dq_i  = sum_j ds_ij k_j / sqrt(D),  dk_j = sum_i ds_ij q_i / sqrt(D)
 """
@@ -58,9 +58,14 @@ class GatedAttentionOutput(NamedTuple):
 
 # ----------------------------------------------------------------------------- the noise
 #
-# u_ij = hash(seed, b, h, i, j) in (0, 1), l = log u - log(1 - u) logistic. The hash runs on
-# int32 tensors: their products wrap modulo 2^32 on every torch backend (two's complement),
-# and each right shift is masked, so a negative value shifts as an unsigned one would.
+# w_ij = (the top 23 bits of hash(seed, b, h, i, j) + 1/2) / 2^23: uniform on a grid
+# symmetric about 1/2 inside (0, 1), so 1 - w is exact. The logistic noise is
+# l = log((1 - w) / w), and no logarithm is ever taken in the operation:
+#     gate    g + l > 0  <=>  w < sig(g)         (the sig(g) the statistic computes anyway)
+#     slope   sig'(g + l) = ab / (a + b)^2,  a = sig(g) (1 - w),  b = sig(-g) w
+# (the second accurate at both ends, where 1 - sig(n) would cancel). The hash runs on int32
+# tensors: their products wrap modulo 2^32 on every torch backend (two's complement), and
+# each right shift is masked, so a negative value shifts as an unsigned one would.
 
 _COLUMN_SALT = 0x5BD1E995  # keys are hashed apart from queries, so row i and column i differ
 
@@ -100,26 +105,26 @@ def _column_keys(positions: torch.Tensor) -> torch.Tensor:
 
 
 def _uniform(row_keys: torch.Tensor, column_keys: torch.Tensor) -> torch.Tensor:
-    """u of the pairs: row keys [..., R, 1] x column keys [C] -> float32 [..., R, C] in
-    [2^-24, 1 - 2^-24]. The keys are hashed already, so a pair takes a multiply-xorshift-multiply
-    round, and u comes from its top bits (a signed int32 / 2^32 + 1/2, the rounding clamped)."""
+    """w of the pairs: row keys [..., R, 1] x column keys [C] -> float32 [..., R, C]. The keys
+    are hashed already, so a pair takes one multiply-xorshift-multiply round."""
     x = row_keys ^ column_keys
-    x.mul_(0x21F0AAAD)
-    _xorshift_(x, 15).mul_(0x735A2D97)
-    return torch.mul(x, 2.0**-32).add_(0.5).clamp_(2.0**-24, 1.0 - 2.0**-24)
+    _xorshift_(x.mul_(0x21F0AAAD), 15).mul_(0x735A2D97)
+    top = torch.bitwise_right_shift(x, 9).bitwise_and_((1 << 23) - 1)  # 23 bits
+    return torch.mul(top, 2.0**-23).add_(2.0**-24)  # int32 times a float: float32, exact
 
 
 def logistic_noise(
     seed: int, batch: int, heads: int, T: int, S: int | None = None, device=None
 ) -> torch.Tensor:
-    """The whole noise matrix the operation draws for `seed`: float32 B,H,T,S. For the
-    reference path (`model.gated_pattern(..., noise=...)`), which then sees the same gates."""
+    """The whole noise matrix l = log((1 - w) / w) the operation draws for `seed`: float32
+    B,H,T,S. For the reference path (`model.gated_pattern(..., noise=...)`), which then sees
+    the same gates (up to float rounding right at a gate's threshold)."""
     S = T if S is None else S
     rows = _row_keys(
         _head_keys(seed, batch, heads, device)[..., None], torch.arange(T, device=device)
     )  # B,H,T
     columns = _column_keys(torch.arange(S, device=device))  # S
-    return _uniform(rows[..., None], columns).logit_()
+    return torch.rsub(_uniform(rows[..., None], columns), 1.0).logit_()  # logit(1 - w)
 
 
 def draw_seed() -> int:
@@ -130,11 +135,14 @@ def draw_seed() -> int:
 # ----------------------------------------------------------------------------- the tiles
 
 
-def _future(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor:
-    """tq,tk: True where key j lies after query i (masked)."""
-    i = torch.arange(i0, i1, device=device)[:, None]
-    j = torch.arange(j0, j1, device=device)[None]
-    return j > i
+def _causal_bias(i0: int, i1: int, j0: int, j1: int, device, cache: dict) -> torch.Tensor:
+    """tq,tk: -inf where key j lies after query i, else 0 (one per tile shape and diagonal)."""
+    key = (i0 - j0, i1 - i0, j1 - j0)
+    if key not in cache:
+        i = torch.arange(i0, i1, device=device)[:, None]
+        j = torch.arange(j0, j1, device=device)[None]
+        cache[key] = torch.zeros(i1 - i0, j1 - j0, device=device).masked_fill_(j > i, -math.inf)
+    return cache[key]
 
 
 def _key_blocks(i0: int, i1: int, block_k: int):
@@ -157,16 +165,20 @@ def _rows(x: torch.Tensor, lay: _Layout, i0: int, i1: int) -> torch.Tensor:
     return x[:, :, :, i0:i1].reshape(lay.B, lay.K, lay.G * (i1 - i0), *x.shape[4:])
 
 
-def _scores(
-    qb: torch.Tensor, kb: torch.Tensor, lay: _Layout, i0, i1, j0, j1, masked
-) -> torch.Tensor:
+def _scores(qb, kb, lay: _Layout, i0, i1, j0, j1, masked, cache: dict) -> torch.Tensor:
     """Scaled scores of one tile, -inf after the diagonal: B,K,R,tk."""
     s = qb @ kb.transpose(-1, -2)  # B,K,R,tk
-    if masked:
-        s.view(lay.B, lay.K, lay.G, i1 - i0, j1 - j0).masked_fill_(
-            _future(i0, i1, j0, j1, s.device), float("-inf")
+    if masked:  # adding 0 or -inf: the same values as a masked fill, in one cheap pass
+        s.view(lay.B, lay.K, lay.G, i1 - i0, j1 - j0).add_(
+            _causal_bias(i0, i1, j0, j1, s.device, cache)
         )
     return s
+
+
+def _step(x: torch.Tensor) -> torch.Tensor:
+    """1[x > 0] as float32, in place when it can: sign and relu are far cheaper than a
+    comparison into bool and a conversion back."""
+    return torch.sign(x).relu_()
 
 
 def _forward(q, k, v, offset: float, stochastic: bool, seed: int, block_q: int, block_k: int):
@@ -182,6 +194,7 @@ def _forward(q, k, v, offset: float, stochastic: bool, seed: int, block_q: int, 
     sig_sum = torch.zeros(B, K, lay.G, dtype=f32, device=q.device)
     open_edges = torch.zeros(B, K, lay.G, dtype=torch.int64, device=q.device)
     empty = torch.zeros(B, K, lay.G, dtype=torch.int64, device=q.device)
+    biases: dict = {}
     if stochastic:
         head_keys = _head_keys(seed, B, H, q.device).view(B, K, lay.G, 1, 1)
         column_keys = _column_keys(torch.arange(T, device=q.device))
@@ -194,21 +207,22 @@ def _forward(q, k, v, offset: float, stochastic: bool, seed: int, block_q: int, 
         denom = torch.zeros(B, K, R, 1, dtype=f32, device=q.device)
         acc = torch.zeros(B, K, R, D, dtype=f32, device=q.device)
         row_sig = torch.zeros(B, K, R, 1, dtype=f32, device=q.device)
-        row_open = torch.zeros(B, K, R, 1, dtype=torch.int64, device=q.device)
+        row_open = torch.zeros(B, K, R, 1, dtype=f32, device=q.device)  # counts, exact
         if stochastic:
             pos = torch.arange(i0, i1, device=q.device)
             row_keys = _row_keys(head_keys, pos[:, None]).view(B, K, R, 1)
         for j0, j1, masked in _key_blocks(i0, i1, block_k):
-            s = _scores(qb, kf[:, :, j0:j1], lay, i0, i1, j0, j1, masked)  # B,K,R,tk
-            g = s + offset  # the gate logit
-            hard = g > 0
+            s = _scores(qb, kf[:, :, j0:j1], lay, i0, i1, j0, j1, masked, biases)  # B,K,R,tk
+            g = s + offset if offset else s  # the gate logit; used up before s changes below
+            hard = _step(g)  # the deterministic gate 1[g > 0]
             row_open += hard.sum(-1, keepdim=True)
-            row_sig += torch.sigmoid(g).sum(-1, keepdim=True)
-            if stochastic:
-                z = _uniform(row_keys, column_keys[j0:j1]).logit_().add_(g) > 0  # g + l > 0
+            sg = torch.sigmoid(g)
+            row_sig += sg.sum(-1, keepdim=True)
+            if stochastic:  # g + l > 0  <=>  w < sig(g)
+                z = _step(sg.sub_(_uniform(row_keys, column_keys[j0:j1])))
             else:
                 z = hard
-            del g, hard
+            del g, sg, hard
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))  # finite: key 0 is in every row
             alpha = torch.exp(m - m_new)
             e = s.sub_(m_new).exp_()  # exp(s - m) in place: B,K,R,tk
@@ -220,7 +234,7 @@ def _forward(q, k, v, offset: float, stochastic: bool, seed: int, block_q: int, 
         out[:, :, :, i0:i1] = acc.view(B, K, lay.G, tq, D)
         lse[:, :, :, i0:i1] = (m + denom.log()).view(B, K, lay.G, tq)
         sig_sum += row_sig.view(B, K, lay.G, tq).sum(-1)
-        row_open = row_open.view(B, K, lay.G, tq)
+        row_open = row_open.view(B, K, lay.G, tq).to(torch.int64)
         open_edges += row_open.sum(-1)
         empty += (row_open == 0).sum(-1)
     count = T * (T + 1) // 2
@@ -251,6 +265,7 @@ def _backward(
         delta = (d_out * out.to(f32).view(B, K, lay.G, T, D)).sum(-1)  # B,K,G,T: dO_i . o_i
     if d_expected is not None:  # dE/count per (b, h), broadcast over a block's positions
         d_sig = (d_expected.to(f32) / (T * (T + 1) // 2)).view(B, K, lay.G, 1)
+    biases: dict = {}
     if stochastic:
         head_keys = _head_keys(seed, B, H, q.device).view(B, K, lay.G, 1, 1)
         column_keys = _column_keys(torch.arange(T, device=q.device))
@@ -271,30 +286,31 @@ def _backward(
             row_keys = _row_keys(head_keys, pos[:, None]).view(B, K, R, 1)
         for j0, j1, masked in _key_blocks(i0, i1, block_k):
             kb, vb = kf[:, :, j0:j1], vf[:, :, j0:j1]
-            s = _scores(qb, kb, lay, i0, i1, j0, j1, masked)  # B,K,R,tk
-            g = s + offset
+            s = _scores(qb, kb, lay, i0, i1, j0, j1, masked, biases)  # B,K,R,tk
+            g = s + offset if offset else s  # used up before s changes below
+            sg = torch.sigmoid(g)
             ds = None  # at least one of the two terms below is there
             if d_expected is not None:  # the statistic: dE/count * sig'(g)
-                sg = torch.sigmoid(g)
                 ds = torch.ops.aten.sigmoid_backward(d_sig_b.expand_as(sg), sg)
-                del sg
             if d_out is not None:
-                p = s.sub_(lse_b).exp_()  # the softmax over all keys, recomputed in place
                 if stochastic:
-                    n = _uniform(row_keys, column_keys[j0:j1]).logit_().add_(g)  # g + l
-                    z = n > 0  # the forward's arithmetic, so the same gates
-                    sn = n.sigmoid_()
-                    # z~'s value z plus its straight-through slope sig(n)(1 - sig(n))
-                    z_slope = torch.addcmul(z.to(f32), sn, torch.rsub(sn, 1.0))
-                    del n, sn
+                    w = _uniform(row_keys, column_keys[j0:j1])
+                    z = _step(sg - w)  # the forward's arithmetic, so the same gates
+                    # z~'s value z plus its straight-through slope sig'(n) = ab / (a + b)^2
+                    a = torch.rsub(w, 1.0).mul_(sg)  # sig(g) (1 - w)
+                    b = torch.sigmoid(g.neg()).mul_(w)  # sig(-g) w
+                    z_slope = (a * b).div_(a.add_(b).square_()).add_(z)
+                    del w, a, b
                 else:
-                    z = g > 0
+                    z = _step(g)
                     z_slope = z
+                p = s.sub_(lse_b).exp_()  # the softmax over all keys, recomputed in place
                 dv[:, :, j0:j1] += (p * z).transpose(-1, -2) @ dob  # A^T dO
                 grad = dob @ vb.transpose(-1, -2)  # G_ij = dO_i . v_j
                 grad.mul_(z_slope).sub_(delta_b).mul_(p)  # p (G z~' - Delta)
                 ds = grad if ds is None else ds.add_(grad)
                 del p, z, z_slope, grad
+            del sg
             del s, g
             if needs[0]:
                 dqb += ds @ kb
