@@ -250,8 +250,8 @@ def test_decoder_vectors_are_stored_ragged_and_give_the_same_values():
     position where every feature fires costs its own features, not T times as many."""
     model = make_model()
     clt = make_clt(model, d_features=64, fire_rate=0.1)
-    tokens = bos_prompt()
-    rm = ReplacementModel(model, clt, include_bos=True)
+    tokens = torch.randint(1, VOCAB, (T,), generator=torch.Generator().manual_seed(1))
+    rm = ReplacementModel(model, clt)
     with torch.no_grad():  # every feature of layer 0 reads position 5's MLP input, and only it
         x = rm.run_prompt(tokens).mlp_in[0, 5]
         gen = torch.Generator().manual_seed(5)

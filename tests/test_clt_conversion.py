@@ -132,7 +132,11 @@ def test_tanh_penalty_defaults_to_zero_for_the_topk_family(tmp_path):
 
 
 def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path):
-    cfg = config(tmp_path / "clt", steps=8, checkpoint_every=3, activation="relu", k=None)
+    cfg = TrainCLTConfig(
+        activations="synthetic", out=tmp_path / "clt", d_features=16, activation="relu",
+        batch_size=64, steps=8, lr=1e-2, lr_warmup_steps=2, eval_steps=2, checkpoint_every=3,
+        device="cpu",
+    )  # fmt: skip
     with pytest.raises(RuntimeError, match="failed at batch 5"):
         _train(cfg, Planted(64, fail_at=5), Planted(64).stats, steps=8)
     log = tmp_path / "clt" / "metrics.jsonl"

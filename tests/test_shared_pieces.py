@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from sparse_circuits.clt.cltdir import save_clt
+from sparse_circuits.clt.cltdir import load_clt, save_clt, write_layer_files
 from sparse_circuits.clt.export import ExportConfig, export
 from sparse_circuits.clt.model import CLTConfig, CrossLayerTranscoder
 from sparse_circuits.sparse_attention.hooks import capture, hooks, stop_after
@@ -64,6 +64,13 @@ def test_save_clt_and_export_write_the_layout_with_one_writer(tmp_path):
                 if dtype == "float32":  # the same writer: the same bytes
                     assert (tmp_path / "clt" / name).read_bytes() == (out / name).read_bytes()
         assert load_file(out / "W_dec_0.safetensors")["W_dec_0"][:, 1:].count_nonzero() == 0
+        direct = tmp_path / f"direct-{dtype}"  # the writer itself, called as export calls it
+        direct.mkdir()
+        write_layer_files(load_clt(tmp_path / "clt"), direct, getattr(torch, dtype))
+        for i in range(3):
+            for kind in ("enc", "dec"):
+                name = f"W_{kind}_{i}.safetensors"
+                assert (direct / name).read_bytes() == (out / name).read_bytes()
 
 
 # ----------------------------------------------------------------------------- sparsify's parts
