@@ -17,7 +17,7 @@ function contextRow(ctx, max) {
       el(
         "span",
         {
-          class: `tok${j === ctx.pos ? " peak" : ""}${a > 0 ? " active" : ""}`,
+          class: `tok${j === (ctx.center ?? ctx.pos) ? " peak" : ""}${a > 0 ? " active" : ""}`,
           style: a > 0 ? { "--a": a.toFixed(3) } : null,
           title: v ? `${JSON.stringify(tok)}: ${fmt(v)}` : JSON.stringify(tok),
         },

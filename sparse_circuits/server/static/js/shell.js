@@ -13,7 +13,11 @@ export function el(tag, attrs = {}, ...children) {
     if (v === undefined || v === null || v === false) continue;
     if (k.startsWith("on") && typeof v === "function") node.addEventListener(k.slice(2), v);
     else if (k === "dataset") Object.assign(node.dataset, v);
-    else if (k === "style" && typeof v === "object") Object.assign(node.style, v);
+    else if (k === "style" && typeof v === "object")
+      for (const [prop, value] of Object.entries(v)) {
+        if (prop.startsWith("--")) node.style.setProperty(prop, value);
+        else node.style[prop] = value;
+      }
     else node.setAttribute(k, v === true ? "" : String(v));
   }
   for (const c of children.flat(Infinity)) {
