@@ -43,7 +43,13 @@ from typing import Any
 import torch
 
 from ..io import atomic_dir, atomic_path, load_tensors, read_json, save_tensors, write_json
-from .attention import AttentionAttribution, HeadLoadings, QKAttribution, head_summary
+from .attention import (
+    AttentionAttribution,
+    HeadLoadings,
+    QKAttribution,
+    attention_attribution,
+    head_summary,
+)
 from .attention import select_loadings as _select_dense
 from .graph import Graph
 from .graph_json import graph_json
@@ -506,3 +512,65 @@ def save_subgraph(directory: str | os.PathLike, name: str, doc: dict) -> Path:
 def load_subgraph(directory: str | os.PathLike, name: str) -> dict | None:
     path = Path(directory) / SUBGRAPH_DIR / f"{check_subgraph_name(name)}.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- QK on demand
+
+
+def check_attention_edge(
+    stored: StoredGraph, layer: int, head: int, query_pos: int, key_pos: int
+) -> list[dict]:
+    """Each field of (layer, head, query, key) that names no attention edge of the graph."""
+    L, H, T = stored.graph.n_layers, stored.n_heads, stored.graph.n_pos
+    errors = []
+    if not 0 <= layer < L:
+        errors.append(
+            {"loc": ["body", "layer"], "msg": f"no layer {layer}: the model has {L} (0..{L - 1})"}
+        )
+    if H is not None and not 0 <= head < H:
+        errors.append(
+            {"loc": ["body", "head"], "msg": f"no head {head}: a layer has {H} (0..{H - 1})"}
+        )
+    if not 0 <= query_pos < T:
+        errors.append(
+            {
+                "loc": ["body", "query"],
+                "msg": f"no position {query_pos}: the prompt has {T} tokens (0..{T - 1})",
+            }
+        )
+    if not 0 <= key_pos <= query_pos:
+        errors.append(
+            {
+                "loc": ["body", "key"],
+                "msg": f"the key position {key_pos} must be in 0..query ({query_pos})",
+            }
+        )
+    return errors
+
+
+def compute_qk(
+    stored: StoredGraph,
+    model,
+    clt,
+    layer: int,
+    head: int,
+    query_pos: int,
+    key_pos: int,
+    batch_size: int = 64,
+) -> QKAttribution:
+    """The QK attribution of one attention edge of the stored graph's prompt, computed as
+    `attention_attribution(..., qk_at=[edge])` computes it (with an empty pruning, so no head
+    loadings are computed), then saved with the graph."""
+    graph = stored.graph
+    E, N = graph.n_edges, graph.n_nodes
+    nothing = PruneResult(
+        torch.ones(N, dtype=torch.bool), torch.zeros(E, dtype=torch.bool), torch.zeros(N),
+        torch.zeros(N), torch.zeros(E), torch.zeros(E),
+    )  # fmt: skip
+    attention = attention_attribution(
+        model=model, clt=clt, graph=graph, pruned=nothing, batch_size=batch_size,
+        qk_at=[(layer, head, query_pos, key_pos)],
+    )  # fmt: skip
+    qk = attention.qk[0]
+    save_qk(stored.path, qk)
+    return qk
