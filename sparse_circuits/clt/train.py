@@ -86,8 +86,8 @@ class TrainCLTConfig(StoreAccess):
 
     model_config = ConfigDict(extra="forbid")
     activations: str = Field(
-        description="Activation store written by `harvest`: a local path or s3:// URL (with --endpoint-url, "
-        "--storage-options)."
+        description="Activation store written by `harvest`: a local path or s3:// URL (with --endpoint-url; "
+        "credentials in storage_options, through --config or the environment)."
     )
     out: Path = Field(description="Output CLT directory (resumed if it holds this same run).")
     # ---- the CLT (see CLTConfig)
