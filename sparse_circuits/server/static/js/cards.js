@@ -139,8 +139,9 @@ export function nodeCard(page, node) {
   if (node.kind === "error") {
     const size = node.activation ?? node.error_norm ?? node.size;
     const outSum = node.out.reduce((a, i) => a + Math.abs(m.links[i].weight), 0);
-    facts.push(["size", el("span", { class: "error-size" }, size !== undefined ? fmt(size) : "–")]);
-    facts.push(["Σ |out-link weight|", fmt(outSum)]);
+    // The graph JSON carries no error norm today; then its size is the attribution it sends on.
+    if (size !== undefined) facts.push(["size (error norm)", el("span", { class: "error-size" }, fmt(size))]);
+    facts.push([size !== undefined ? "Σ |out-link weight|" : "size (Σ |out-link weight|)", el("span", { class: size !== undefined ? "" : "error-size" }, fmt(outSum))]);
   }
   if (node.kind === "logit") {
     const p = node.token_prob ?? Number((/p=([0-9.eE+-]+)/.exec(node.clerp || "") || [])[1]);

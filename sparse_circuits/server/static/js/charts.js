@@ -30,7 +30,7 @@ const PALETTE = ["var(--series-1)", "var(--series-2)", "var(--series-3)", "var(-
 
 /** series: [{name, points: [[x, y]...], dashed}], options: {title, xLabel, log, width, height} */
 export function lineChart(series, { title = "", xLabel = "step", log = false, width = 420, height = 200 } = {}) {
-  const pad = { l: 52, r: 10, t: 24, b: 30 };
+  const pad = { l: 52, r: 10, t: 36, b: 30 };
   const tf = (y) => (log ? Math.log10(Math.max(y, 1e-12)) : y);
   const pts = series.flatMap((s) => s.points).filter((p) => Number.isFinite(p[1]));
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "chart", role: "img", "aria-label": title });
@@ -49,7 +49,7 @@ export function lineChart(series, { title = "", xLabel = "step", log = false, wi
   for (const t of ticks(y0, y1)) {
     const y = height - pad.b - ((t - y0) / (y1 - y0)) * (height - pad.t - pad.b);
     axis.append(svg("line", { x1: pad.l, x2: width - pad.r, y1: y, y2: y, class: "gridline" }));
-    axis.append(svg("text", { x: pad.l - 4, y: y + 4, "text-anchor": "end" }, log ? `1e${t}` : short(t)));
+    axis.append(svg("text", { x: pad.l - 4, y: y + 4, "text-anchor": "end" }, short(log ? 10 ** t : t)));
   }
   for (const t of ticks(x0, x1, 5)) {
     axis.append(svg("text", { x: X(t), y: height - pad.b + 14, "text-anchor": "middle" }, short(t)));
@@ -65,9 +65,9 @@ export function lineChart(series, { title = "", xLabel = "step", log = false, wi
       .map((p, j) => `${j ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`)
       .join("");
     root.append(svg("path", { d, fill: "none", stroke: color, "stroke-width": 1.6, "stroke-dasharray": s.dashed ? "5 3" : null }));
-    const label = svg("text", { x: lx, y: 15, "text-anchor": "end", fill: color }, s.name);
+    const label = svg("text", { x: lx, y: 29, "text-anchor": "end", fill: color }, `${s.dashed ? "- - " : "— "}${s.name}`);
     legend.append(label);
-    lx -= 10 + 7 * s.name.length;
+    lx -= 24 + 6 * s.name.length;
   });
   root.append(legend);
   return root;

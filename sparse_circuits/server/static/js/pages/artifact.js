@@ -41,6 +41,17 @@ export function curvesFor(records) {
   return charts;
 }
 
+function metricValue(v) {
+  if (Array.isArray(v)) {
+    // per layer (and per head): one line per layer
+    if (v.some(Array.isArray)) return v.map((row, l) => el("div", {}, `L${l}: ${[row].flat(Infinity).map((x) => fmt(x)).join(", ")}`));
+    return v.map((x) => fmt(x)).join(", ");
+  }
+  if (v !== null && typeof v === "object")
+    return el("div", { class: "obj" }, Object.entries(v).map(([k, x]) => el("div", {}, `${k}: `, typeof x === "object" ? JSON.stringify(x) : fmt(x))));
+  return fmt(v);
+}
+
 function metricCards(metrics) {
   if (!metrics) return el("p", { class: "muted" }, "No metrics.");
   return el(
@@ -51,7 +62,7 @@ function metricCards(metrics) {
         "div",
         { class: "metric", dataset: { metric: k } },
         el("div", { class: "k" }, k),
-        el("div", { class: "v" }, Array.isArray(v) ? v.map((x) => fmt(x)).join(", ") : typeof v === "object" && v !== null ? JSON.stringify(v) : fmt(v)),
+        el("div", { class: "v" }, metricValue(v)),
       ),
     ),
   );
@@ -63,6 +74,7 @@ function lineage(a) {
   const items = [];
   chain.forEach((c) => items.push(c, el("span", { class: "arrow", "aria-hidden": "true" }, "→")));
   items.push(el("strong", {}, `${a.kind} ${a.name}`));
+  if (!chain.length && !a.job_id) return el("p", { class: "muted lineage" }, "No recorded parents (registered from the data dir).");
   return el(
     "div",
     { class: "lineage", "aria-label": "lineage" },
