@@ -403,6 +403,27 @@ def test_prometheus_metrics(api):
     assert 'sparse_circuits_graph_cache_total{result="hit"}' in text
 
 
+def test_concurrent_writes_queue_instead_of_failing(live_server):
+    """Writes at once (submits, cancels, registrations) on a live server: on SQLite each one
+    holds the write lock from its key check on, so none fails with "database is locked"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    api = live_server.api
+    headers = api.headers
+
+    def write(i: int) -> int:
+        with httpx.Client(base_url=live_server.url, headers=headers, timeout=60) as c:
+            r = c.post("/v1/jobs", json={"kind": "train-toy", "config": {**TOY, "out": f"m/{i}"}})
+            if r.status_code != 201:
+                return r.status_code
+            return c.post(f"/v1/jobs/{r.json()['id']}/cancel").status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(write, range(24)))
+    assert statuses == [200] * 24
+    assert api.client.get("/v1/jobs", params={"state": "cancelled"}).json()["count"] == 24
+
+
 # ----------------------------------------------------------------------------- event streams
 
 

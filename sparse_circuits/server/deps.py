@@ -47,10 +47,22 @@ def _key_for(session: Session, secret: str | None) -> ApiKey | None:
     return key
 
 
+def begin_write(session: Session) -> None:
+    """Start the session's transaction holding SQLite's write lock (BEGIN IMMEDIATE; nothing
+    changes on PostgreSQL). A write request's reads and writes then form one transaction that
+    no other writer can invalidate: under WAL, a transaction that read first and writes later
+    fails at once ("database is locked") when another writer committed in between, whatever
+    the busy timeout. A session already in a transaction is left as it is."""
+    if not session.in_transaction():
+        session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
+
+
 def require_write_key(
     session: SessionDep, secret: Annotated[str | None, Depends(_api_key_header)]
 ) -> ApiKey:
-    """Writes need a valid, unrevoked key."""
+    """Writes need a valid, unrevoked key. The request's transaction starts here, with the
+    write lock on SQLite (`begin_write`), so concurrent writes queue instead of failing."""
+    begin_write(session)
     key = _key_for(session, secret)
     if key is None:
         raise ProblemError(401, f"this request writes: send an API key in {API_KEY_HEADER}")
