@@ -92,7 +92,7 @@ def _expire(make_session, job_id: str) -> None:
 def test_an_expired_lease_requeues_and_the_old_holder_learns_it(sessions):
     (job_id,) = _submit(sessions)
     with sessions() as s:
-        job = queue.claim_job(s, worker_id="a", lease_s=60)
+        assert queue.claim_job(s, worker_id="a", lease_s=60)
         beat = queue.heartbeat(s, job_id=job_id, worker_id="a", attempt=1, lease_s=60, step=3)
         assert beat == queue.Heartbeat(owned=True, cancel_requested=False)
     _expire(sessions, job_id)
@@ -167,13 +167,28 @@ def test_cancel_and_retry_follow_the_state_machine(sessions):
         assert claimed == {queued, running}
 
 
-def test_release_returns_a_job_without_counting_the_attempt(sessions):
+def test_release_requeues_counting_the_attempt_only_for_a_dead_run(sessions):
     (job_id,) = _submit(sessions)
     with sessions() as s:
         queue.claim_job(s, worker_id="a", lease_s=60)
-        assert queue.release_job(s, job_id=job_id, worker_id="a", attempt=1)
+        assert queue.release_job(s, job_id=job_id, worker_id="a", attempt=1) == "queued"
         job = queue.get_job(s, job_id=job_id)
         assert (job.state, job.attempts, job.worker_id) == ("queued", 0, None)
+        assert queue.release_job(s, job_id=job_id, worker_id="a", attempt=1) is None  # not ours
+        # a run that died counts its attempt; past max_attempts the job fails
+        for attempt in (1, 2, 3):
+            assert queue.claim_job(s, worker_id="b", lease_s=60).attempts == attempt
+            state = queue.release_job(
+                s, job_id=job_id, worker_id="b", attempt=attempt, count_attempt=True, error="died"
+            )
+            assert state == ("failed" if attempt == 3 else "queued")
+        assert "died (attempt 3 of 3)" in queue.get_job(s, job_id=job_id).error
+        # a job asked to cancel ends cancelled, whatever its run's end
+        queue.retry_job(s, job_id=job_id)
+        assert queue.claim_job(s, worker_id="b", lease_s=60).id == job_id
+        queue.cancel_job(s, job_id=job_id)
+        state = queue.release_job(s, job_id=job_id, worker_id="b", attempt=1, count_attempt=True)
+        assert state == "cancelled"
 
 
 def test_list_filters_and_paginates(sessions):

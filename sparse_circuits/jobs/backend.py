@@ -5,7 +5,12 @@ never knows how a job runs. A backend starts the runner of a prepared job dir
 (`runner.run_job_dir`), says whether it is still going, stops it gracefully (the stage raises
 JobCancelled at its next step) or kills it, and says where it ran (host, pid, a backend ref
 such as a Ray job id). Progress and outcome travel through files in the job dir, which every
-backend shares with the worker (the data dir is shared storage for a cluster backend).
+backend shares with the worker (the data dir is shared storage for a cluster backend): the
+runner (`runner.py`, also `python -m sparse_circuits.jobs.runner --data-dir D --job-id ID
+--attempt N` as a cluster job's entrypoint) writes `progress.json`, `log.txt` and, last,
+`outcome.json`. A run that ends without an outcome (killed, its node lost) goes back to the
+queue counting the attempt, like a lost lease. A backend whose runs outlive their worker (Ray)
+may adopt, in `start`, an earlier attempt that still runs instead of starting a second one.
 """
 
 from __future__ import annotations
@@ -13,13 +18,11 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing
-import os
-import signal
 import socket
 from abc import ABC, abstractmethod
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .runner import run_job_dir
 
@@ -27,11 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class Launch(NamedTuple):
-    """A job ready to run: its id, attempt and the data dir holding its job dir."""
+    """A job ready to run: its job dir (`data_dir/jobs/<job_id>/spec.json`) is written; kind
+    and config (validated, paths relative to the data dir) say what resources it needs."""
 
     job_id: str
     attempt: int
     data_dir: Path
+    kind: str
+    config: dict[str, Any]
 
 
 class Started(NamedTuple):
@@ -57,7 +63,8 @@ class JobBackend(ABC):
 
     @abstractmethod
     def stop(self, ref: str) -> None:
-        """Ask the job to stop at its next step (it checkpoints what it has and ends)."""
+        """Ask the job to stop at its next step (it checkpoints what it has and ends); the
+        worker has already written the job dir's cancel file, which the runner checks."""
 
     @abstractmethod
     def kill(self, ref: str) -> None:
@@ -98,9 +105,9 @@ class LocalBackend(JobBackend):
         return process.exitcode
 
     def stop(self, ref: str) -> None:
-        process = self._processes.get(ref)
-        if process is not None and process.pid is not None and process.exitcode is None:
-            os.kill(process.pid, signal.SIGTERM)
+        """Nothing to send: the runner reads the job dir's cancel file at every step. (A signal
+        could arrive before the spawned interpreter has installed the runner's handler.)"""
+        return None
 
     def kill(self, ref: str) -> None:
         process = self._processes.get(ref)

@@ -178,7 +178,7 @@ def _expire_leases(session: Session, now: datetime) -> list[Job]:
                 now,
             )
         else:
-            job.state, job.worker_id, job.lease_expires_at = "queued", None, None
+            _requeue(job)
             job.error = f"the lease of attempt {job.attempts} expired (worker lost); requeued"
     session.flush()
     return expired
@@ -268,18 +268,44 @@ def finish_job(
     return done.rowcount == 1
 
 
-def release_job(session: Session, *, job_id: str, worker_id: str, attempt: int) -> bool:
-    """Give a running job back to the queue (its worker is shutting down): the next claim
-    resumes it, and this attempt does not count against max_attempts."""
-    values = {
-        "state": "queued",
-        "worker_id": None,
-        "lease_expires_at": None,
-        "attempts": Job.attempts - 1,
-    }
-    done = session.execute(update(Job).where(*_owned(job_id, worker_id, attempt)).values(**values))
+def release_job(
+    session: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    attempt: int,
+    count_attempt: bool = False,
+    error: str | None = None,
+) -> str | None:
+    """Give a running job back to the queue; the next claim resumes it. A worker shutting down
+    does not count the attempt; a run that died (`count_attempt`) does, as a lost lease would:
+    past max_attempts the job fails. A job asked to cancel ends cancelled instead. Returns the
+    job's new state, or None if the lease was lost."""
+    session.rollback()
+    _begin_exclusive(session)
+    query = select(Job).where(*_owned(job_id, worker_id, attempt))
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    job = session.scalars(query.execution_options(populate_existing=True)).first()
+    if job is None:
+        session.rollback()
+        return None
+    if job.cancel_requested:
+        _end(job, "cancelled", error, utcnow())
+    elif count_attempt and job.attempts >= job.max_attempts:
+        _end(
+            job,
+            "failed",
+            f"{error or 'ended'} (attempt {job.attempts} of {job.max_attempts})",
+            utcnow(),
+        )
+    else:
+        _requeue(job)
+        job.attempts = job.attempts if count_attempt else job.attempts - 1
+        job.error = error
+    state = job.state
     session.commit()
-    return done.rowcount == 1
+    return state
 
 
 # ----------------------------------------------------------------------------- cancel and retry
@@ -325,6 +351,11 @@ def _locked_job(session: Session, job_id: str) -> Job:
         session.rollback()
         raise KeyError(job_id)
     return job
+
+
+def _requeue(job: Job) -> None:
+    job.state, job.worker_id, job.lease_expires_at = "queued", None, None
+    job.host, job.pid, job.backend_ref = None, None, None
 
 
 def _end(job: Job, state: str, error: str | None, now: datetime) -> None:

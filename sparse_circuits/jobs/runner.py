@@ -12,6 +12,7 @@ at once" checkable; a runner whose parent dies ends at once (it must not outlive
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import fcntl
 import json
@@ -90,6 +91,9 @@ def run_job_dir(data_dir: str, job_id: str) -> int:
     path = job_dir(data_dir, job_id)
     _die_with_parent()
     os.chdir(Path(data_dir).resolve())
+    if _rank() > 0:  # under torchrun rank 0 reports for the job: lock, progress, outcome
+        spec = json.loads((path / SPEC_FILE).read_text())
+        return 1 if _run(path, Path(data_dir), spec, report=False)["state"] == "failed" else 0
     _redirect_output(path / OUTPUT_FILE)
     handler = _log_to(path / LOG_FILE)
     try:
@@ -104,13 +108,19 @@ def run_job_dir(data_dir: str, job_id: str) -> int:
     return 0
 
 
-def _run(path: Path, data_dir: Path, spec: dict[str, Any]) -> dict[str, Any]:
+def _rank() -> int:
+    """This process's rank under torchrun (a multi-GPU job); 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _run(path: Path, data_dir: Path, spec: dict[str, Any], report: bool = True) -> dict[str, Any]:
     from ..stages import STAGES  # noqa: PLC0415  (the stage's module only in its own process)
 
     stop = _Stop(path)
     signal.signal(signal.SIGTERM, stop.on_signal)
     signal.signal(signal.SIGINT, stop.on_signal)
-    install_sink(ProgressSink(report=_progress_writer(path), cancelled=stop, interval=0.5))
+    writer = _progress_writer(path) if report else (lambda *_: None)
+    install_sink(ProgressSink(report=writer, cancelled=stop, interval=0.5))
     kind = spec["kind"]
     log.info("job %s attempt %d: %s", path.name, spec["attempt"], kind)
     try:
@@ -216,9 +226,25 @@ def _log_to(path: Path) -> logging.Handler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sparse_circuits.jobs.runner DATA_DIR JOB_ID` (a Ray job's entrypoint)."""
-    data_dir, job_id = argv if argv is not None else sys.argv[1:3]
-    return run_job_dir(data_dir, job_id)
+    """`python -m sparse_circuits.jobs.runner --data-dir D --job-id ID [--attempt N]`: a
+    cluster backend's entrypoint (a Ray job's, say); the local backend calls run_job_dir."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_circuits.jobs.runner", description="Run one prepared job."
+    )
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--job-id", required=True)
+    parser.add_argument("--attempt", type=int, help="refuse to run a spec of another attempt")
+    args = parser.parse_args(argv)
+    spec = read_json_or_none(job_dir(args.data_dir, args.job_id) / SPEC_FILE) or {}
+    if args.attempt is not None and spec.get("attempt") != args.attempt:
+        log.error(
+            "job %s: the spec is of attempt %s, not %d",
+            args.job_id,
+            spec.get("attempt"),
+            args.attempt,
+        )
+        return 2
+    return run_job_dir(args.data_dir, args.job_id)
 
 
 if __name__ == "__main__":

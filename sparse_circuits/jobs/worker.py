@@ -205,7 +205,8 @@ class Worker:
             return
         path = prepare_job_dir(self.data_dir, job.id, job.kind, config, job.attempts)
         try:
-            started = self.backend.start(Launch(job.id, job.attempts, self.data_dir))
+            launch = Launch(job.id, job.attempts, self.data_dir, job.kind, config)
+            started = self.backend.start(launch)
         except Exception as e:
             log.exception("job %s could not be started", job.id)
             self._finish(session, job.id, job.attempts, "failed", error=f"could not start: {e}")
@@ -279,17 +280,28 @@ class Worker:
     def _ended(self, run: Running, status: int) -> None:
         del self.running[run.job_id]
         outcome = read_json_or_none(run.path / OUTCOME_FILE) or {}
-        if outcome.get("attempt") != run.attempt:
-            outcome = {"state": "failed", "error": f"the job's process ended with status {status}"}
         with self.sessions() as session:
             self._beat_final(session, run)
-            if run.stopping == "shutdown" and outcome["state"] != "succeeded":
-                queue.release_job(
-                    session, job_id=run.job_id, worker_id=self.cfg.worker_id, attempt=run.attempt
-                )
-                log.info("job %s back in the queue", run.job_id)
-                return
-            self._record_outcome(session, run, outcome)
+            if run.stopping == "shutdown" and outcome.get("state") != "succeeded":
+                self._requeue(session, run, count_attempt=False, why="worker shutting down")
+            elif outcome.get("attempt") != run.attempt and run.stopping == "cancel":
+                self._record_outcome(session, run, {"state": "cancelled", "result": None})
+            elif outcome.get("attempt") != run.attempt:  # killed, crashed: like a lost lease
+                why = f"its process ended with status {status} and no outcome"
+                self._requeue(session, run, count_attempt=True, why=why)
+            else:
+                self._record_outcome(session, run, outcome)
+
+    def _requeue(self, session: Session, run: Running, count_attempt: bool, why: str) -> None:
+        state = queue.release_job(
+            session,
+            job_id=run.job_id,
+            worker_id=self.cfg.worker_id,
+            attempt=run.attempt,
+            count_attempt=count_attempt,
+            error=why,
+        )
+        log.info("job %s: %s; now %s", run.job_id, why, state)
 
     def _beat_final(self, session: Session, run: Running) -> None:
         queue.heartbeat(
