@@ -109,8 +109,10 @@ def _uniform(row_keys: torch.Tensor, column_keys: torch.Tensor) -> torch.Tensor:
     are hashed already, so a pair takes one multiply-xorshift-multiply round."""
     x = row_keys ^ column_keys
     _xorshift_(x.mul_(0x21F0AAAD), 15).mul_(0x735A2D97)
-    top = torch.bitwise_right_shift(x, 9).bitwise_and_((1 << 23) - 1)  # 23 bits
-    return torch.mul(top, 2.0**-23).add_(2.0**-24)  # int32 times a float: float32, exact
+    # the top 23 bits as the mantissa of a float in [1, 2) (exponent bits 0x3F8), minus
+    # 1 - 2^-24: exact (Sterbenz), and no integer-to-float conversion
+    bits = torch.bitwise_right_shift(x, 9).bitwise_and_((1 << 23) - 1).bitwise_or_(0x3F800000)
+    return bits.view(torch.float32).sub_(1.0 - 2.0**-24)
 
 
 def logistic_noise(
