@@ -35,7 +35,8 @@ class ProgressSink:
         now = time.monotonic()
         if force or now - self._last >= self.interval:
             self._last = now
-            self.report(int(bar.n), None if bar.total is None else int(bar.total), bar.desc or "")
+            desc = getattr(bar, "desc", "") or ""  # a disabled bar (e.g. rank > 0) has none
+            self.report(int(bar.n), None if bar.total is None else int(bar.total), desc)
             if self.cancelled():
                 raise JobCancelled("the job was cancelled")
 
