@@ -62,6 +62,10 @@ PLAIN_COMMANDS: dict[str, PlainCommand] = {
         "sparse_circuits.server.cli", "add_keys_arguments", "keys",
         "API keys for the service: create NAME (the secret shown once), list, revoke ID",
     ),
+    "db": PlainCommand(
+        "sparse_circuits.jobs.dbcli", "add_arguments", "run",
+        "the service database's schema: upgrade (once per deployment), current",
+    ),
 }  # fmt: skip
 
 HELP_CACHE = "cli_flags.json"  # every config command's flags, so that --help needs no torch

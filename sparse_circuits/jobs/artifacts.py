@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..errors import StageError
 from ..io import RUN_FILE
 from .db import Artifact, Job
 
@@ -52,7 +53,7 @@ class Inspection(NamedTuple):
     parents: dict[str, str]  # lineage field (model_id, store_id, transcoder_id) -> parent path
 
 
-class ArtifactError(ValueError):
+class ArtifactError(StageError):
     """A path that is no artifact, or lies outside the data dir."""
 
 

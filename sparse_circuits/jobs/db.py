@@ -8,6 +8,7 @@ files under the data dir; a row holds where one is, its metrics and its lineage,
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+log = logging.getLogger(__name__)
 
 DB_FILE = "sparse-circuits.db"
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -177,6 +180,13 @@ def make_sessionmaker(engine: Engine) -> sessionmaker:
 # ----------------------------------------------------------------------------- migrations
 
 
+def _quiet_alembic() -> None:
+    """Alembic's INFO chatter (plugins, context) off, unless its loggers were configured."""
+    for name in ("alembic.runtime.plugins", "alembic.runtime.migration"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def alembic_config(url: str):
     """Alembic's config for the migrations packaged beside this file, aimed at `url`."""
     from alembic.config import Config  # noqa: PLC0415  (alembic only when migrating)
@@ -191,17 +201,35 @@ def migrate(url: str) -> None:
 
     On PostgreSQL the upgrade holds an advisory lock, so replicas that race wait for the first.
     """
+    _quiet_alembic()
     from alembic import command  # noqa: PLC0415
 
-    command.upgrade(alembic_config(url), "head")
+    engine = make_engine(url)
+    try:
+        before = _current_heads(engine)
+        command.upgrade(alembic_config(url), "head")
+        after = _current_heads(engine)
+    finally:
+        engine.dispose()
+    if before != after:
+        log.info("database schema upgraded: %s -> %s", _heads(before), _heads(after))
+
+
+def _current_heads(engine: Engine) -> set[str]:
+    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+
+    with engine.connect() as conn:
+        return set(MigrationContext.configure(conn).get_current_heads())
+
+
+def _heads(heads: set[str]) -> str:
+    return ",".join(sorted(heads)) or "empty"
 
 
 def schema_is_current(engine: Engine) -> bool:
     """Whether the database behind `engine` is at the newest migration."""
-    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+    _quiet_alembic()
     from alembic.script import ScriptDirectory  # noqa: PLC0415
 
     script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
-    with engine.connect() as conn:
-        current = set(MigrationContext.configure(conn).get_current_heads())
-    return current == set(script.get_heads())
+    return _current_heads(engine) == set(script.get_heads())

@@ -11,6 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..errors import StageError
 from .db import database_url, make_engine, migrate, schema_is_current
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _url(args: argparse.Namespace) -> str:
     if args.database_url is None and args.data_dir is None:
-        raise ValueError("give --data-dir (its SQLite database) or --database-url")
+        raise StageError("give --data-dir (its SQLite database) or --database-url")
     if args.database_url is None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
     return database_url(args.data_dir or ".", args.database_url)

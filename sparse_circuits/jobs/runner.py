@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..io import write_json
+from ..io import released_locks, write_json
 from ..progress import JobCancelled, ProgressSink, install_sink
 from .artifacts import ArtifactError, relative_path
 from .specs import validate_job
@@ -125,7 +125,8 @@ def _run(path: Path, data_dir: Path, spec: dict[str, Any], report: bool = True) 
     log.info("job %s attempt %d: %s", path.name, spec["attempt"], kind)
     try:
         config = validate_job(kind, spec["config"], data_dir)
-        result = STAGES[kind].run_function()(config)
+        with released_locks():  # the run dir's lock is free again once the stage ends
+            result = STAGES[kind].run_function()(config)
     except JobCancelled:
         log.info("stopped at a step boundary; what the stage checkpointed is kept")
         return {"state": "cancelled", "error": None, "result": None}

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ..errors import StageError
 from ..stages import STAGES
 
 # str-typed fields that hold a path or URL (fields annotated Path are paths anyway)
@@ -30,7 +31,7 @@ GLOB_CHARS = frozenset("*?[")
 Loc = tuple[str | int, ...]
 
 
-class JobSpecError(ValueError):
+class JobSpecError(StageError):
     """A job spec that does not validate; `errors` name each field at fault."""
 
     def __init__(self, errors: list[dict[str, Any]]):

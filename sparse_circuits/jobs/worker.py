@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..errors import StageError
 from ..io import write_json
 from . import queue
 from .artifacts import ArtifactError, register_artifact, register_partial
@@ -388,7 +389,7 @@ def open_database(cfg: WorkerConfig) -> sessionmaker:
         migrate(url)
     engine = make_engine(url)
     if not schema_is_current(engine):
-        raise ValueError(
+        raise StageError(
             "the database schema is not at the newest migration: run `sparse-circuits db upgrade "
             "--database-url URL` once for this deployment"
         )
