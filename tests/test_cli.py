@@ -138,6 +138,10 @@ def test_model_naming_a_file_says_so(toy_pipeline, tmp_path, capsys):
     config = toy_pipeline.dense / "config.json"
     assert main(["sparsify", "--model", str(config), "--out", str(tmp_path / "s")]) == 2
     assert f"{config} is a file; give the model's directory" in one_line_error(capsys)
+    clt_config = toy_pipeline.clt / "config.json"
+    args = ["eval-clt", "--clt", str(clt_config), "--model", str(toy_pipeline.sparse)]
+    assert main(args) == 2
+    assert f"{clt_config} is a file; give the CLT's directory" in one_line_error(capsys)
 
 
 def test_heads_that_do_not_divide_the_width_is_one_line(tmp_path, capsys):

@@ -144,6 +144,8 @@ def read_clt_config(path: str | os.PathLike) -> CLTConfig:
 def load_clt(path: str | os.PathLike, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
     """Read a CLT dir back (built on the meta device, weights assigned)."""
     path = Path(path)
+    if path.is_file():
+        raise StageError(f"{path} is a file; give the CLT's directory (the one with config.json)")
     if not path.is_dir():
         raise MissingInputError(f"CLT directory {path} does not exist")
     cfg = read_clt_config(path)
