@@ -23,18 +23,16 @@ from .frozen import LeafGrads
 from .graph import SourceColumns
 from .replacement import PromptRun, ReplacementModel
 
-# Gradient entries gathered at once per block of feature columns (bounds the B x n x K*M
-# gather in `row_values`).
-GATHER_ELEMENTS = 1 << 24
-
 
 class _LayerBlock(NamedTuple):
-    """Active features of one source layer, sorted by position."""
+    """Active features of one source layer, sorted by position: columns first .. first + n,
+    the features at position p in rows segments[p] .. segments[p + 1] of `vectors`."""
 
     layer: int
     n_out: int  # K
-    cols: torch.Tensor  # n  column index of each feature
+    first: int  # column of the block's first feature
     pos: torch.Tensor  # n  (ascending)
+    segments: list[int]  # T+1  offsets of each position's features
     vectors: torch.Tensor  # n,K*M  contribution vectors a · W_dec[i][f] (flattened)
 
 
@@ -62,7 +60,9 @@ class SourceTable(SourceColumns):
             vectors = (self.activations[cols, None, None] * W[index[cols]]).flatten(1).to(dtype)
             self.col_block[cols] = len(self.blocks)
             self.col_local[cols] = torch.arange(cols.numel(), device=dev)
-            self.blocks.append(_LayerBlock(i, W.shape[1], cols, pos[cols], vectors))
+            p = pos[cols]  # features are sorted by (layer, pos, index): contiguous columns
+            segments = torch.searchsorted(p, torch.arange(T + 1, device=dev)).tolist()
+            self.blocks.append(_LayerBlock(i, W.shape[1], int(cols[0]), p, segments, vectors))
 
     @property
     def n_cols(self) -> int:
@@ -77,13 +77,13 @@ class SourceTable(SourceColumns):
         T = self.n_pos
         out = G.new_zeros(B, self.n_cols)
         for blk in self.blocks:
-            n_in = int(torch.searchsorted(blk.pos, Tp))  # features inside the prefix
             Gi = G[:, :, blk.layer : blk.layer + blk.n_out].flatten(2)  # B,T',K*M
-            chunk = max(1, GATHER_ELEMENTS // max(1, B * Gi.shape[2]))
-            for s in range(0, n_in, chunk):
-                e = min(n_in, s + chunk)
-                g = Gi[:, blk.pos[s:e]]  # B,c,K*M
-                out[:, blk.cols[s:e]] = torch.einsum("bcm,cm->bc", g, blk.vectors[s:e])
+            vals = out[:, blk.first : blk.first + blk.pos.numel()]  # B,n (a view)
+            seg = blk.segments
+            for p in range(Tp):  # one matmul per position: its own features, no padding
+                a, b = seg[p], seg[p + 1]
+                if b > a:
+                    torch.matmul(Gi[:, p], blk.vectors[a:b].T, out=vals[:, a:b])
         errors = (G * self.errors[:, :Tp].transpose(0, 1)).sum(-1)  # B,T',L
         out[:, self.error_offset : self.embed_offset].view(B, L, T)[:, :, :Tp] = errors.transpose(
             1, 2
