@@ -121,6 +121,7 @@ class GraphServices:
         self.tokenizers: LRU[str, Any] = LRU(16)
         self.locks = KeyedLocks()
         self.inline = threading.Semaphore(1)  # one inline graph at a time; others become jobs
+        self.builds = threading.Semaphore(2)  # graph JSON documents built at once
 
     def stored(self, graph_id: str, directory: Path) -> StoredGraph:
         """The graph store of `graph_id` at `directory`, loaded once while it is kept."""

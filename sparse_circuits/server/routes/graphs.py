@@ -579,22 +579,31 @@ def _build_doc(
             GRAPH_CACHE.labels(result="hit").inc()
             return key, found
         GRAPH_CACHE.labels(result="miss").inc()
-        n_nodes, pruned = gs.pruned_node_count(stored, nt, et)
-        if n_nodes > settings.max_graph_nodes:
-            raise ProblemError(
-                422,
-                f"node_threshold: the pruning at node_threshold={nt}, edge_threshold={et} keeps "
-                f"{n_nodes} nodes, more than the {settings.max_graph_nodes} a response may hold; "
-                "lower node_threshold",
-                errors=[{"loc": ["query", "node_threshold"], "msg": f"keeps {n_nodes} nodes, over "
-                         f"{settings.max_graph_nodes}", "type": "value_error"}],
-                n_nodes=n_nodes, max_graph_nodes=settings.max_graph_nodes,
-            )  # fmt: skip
-        doc = gs.graph_json_at(stored, nt, et, pruned)
-        raw = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
-        found = CachedDoc(raw, directory, len(doc["nodes"]), len(doc["links"]))
-        services.docs.put(key, found)
-        return key, found
+        with services.builds:  # a few prunings at once: each takes memory in edges
+            return key, _build(settings, services, stored, directory, key, nt, et)
+
+
+def _build(
+    settings: ServerSettings, services: GraphServices, stored: gs.StoredGraph, directory: Path,
+    key: tuple, nt: float, et: float,
+) -> CachedDoc:  # fmt: skip
+    """Prune, check the node limit, build and serialise the document, and cache it."""
+    n_nodes, pruned = gs.pruned_node_count(stored, nt, et)
+    if n_nodes > settings.max_graph_nodes:
+        raise ProblemError(
+            422,
+            f"node_threshold: the pruning at node_threshold={nt}, edge_threshold={et} keeps "
+            f"{n_nodes} nodes, more than the {settings.max_graph_nodes} a response may hold; "
+            "lower node_threshold",
+            errors=[{"loc": ["query", "node_threshold"], "msg": f"keeps {n_nodes} nodes, over "
+                     f"{settings.max_graph_nodes}", "type": "value_error"}],
+            n_nodes=n_nodes, max_graph_nodes=settings.max_graph_nodes,
+        )  # fmt: skip
+    doc = gs.graph_json_at(stored, nt, et, pruned)
+    raw = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+    found = CachedDoc(raw, directory, len(doc["nodes"]), len(doc["links"]))
+    services.docs.put(key, found)
+    return found
 
 
 def _file_doc(services, row: Artifact, path: Path, nt, et):
@@ -825,12 +834,20 @@ def delete_graph(
             id=graph_id, job_id=job.id,
         )  # fmt: skip
     path = settings.data_dir.resolve() / row.path
-    session.delete(row)
-    session.commit()
-    if path.exists():  # renamed aside first: no reader ever sees half a store
+    aside = None
+    if path.exists():  # moved aside first: no reader ever sees half a store
         aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         path.rename(aside / path.name)
-        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        session.delete(row)
+        session.commit()
+    except BaseException:
+        if aside is not None:  # the record stays: so do its files
+            (aside / path.name).rename(path)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     graph_services(request).forget(graph_id)
     log.info("graph %s deleted", graph_id)
     return Response(status_code=204)
