@@ -4,6 +4,8 @@ state machine, filters and pagination."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -44,6 +46,22 @@ def test_migrated_schema_matches_the_models(database_url):
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     assert schema_is_current(engine)
+    engine.dispose()
+
+
+def test_replicas_upgrading_at_once_wait_for_each_other(database_url):
+    code = "import sys; from sparse_circuits.jobs.db import migrate; migrate(sys.argv[1])"
+    replicas = [
+        subprocess.Popen([sys.executable, "-c", code, database_url], stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    for replica in replicas:
+        _, err = replica.communicate(timeout=120)
+        assert replica.returncode == 0, err.decode()
+    engine = make_engine(database_url)
+    assert schema_is_current(engine)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     engine.dispose()
 
 

@@ -114,7 +114,7 @@ def inspect_path(data_dir: str | Path, rel: str, job: Job | None = None) -> Insp
         attrs = zarr_meta.get("attributes", {})
         if attrs.get("format") == STORE_FORMAT:
             return _inspect_store(attrs)
-    if path.parent.name == "graphs" or (job is not None and job.kind == "attribute"):
+    if (path / "graph.safetensors").is_file() or (job is not None and job.kind == "attribute"):
         return _inspect_graph_dir(path, job)
     return None
 
@@ -235,6 +235,8 @@ def _register(
 ) -> Artifact:
     job = session.get(Job, job_id) if job_id else None
     found = inspect_path(data_dir, rel, job)
+    if found is None and rel.endswith("/features"):  # feature-stats wrote into a CLT dir
+        return _register(session, data_dir, rel.rsplit("/", 1)[0], None, depth)
     if found is None:
         raise ArtifactError(f"{rel} is not a model, activation store, transcoder or graph")
     return _upsert(session, data_dir, rel, found, job_id, depth)

@@ -8,8 +8,11 @@ files under the data dir; a row holds where one is, its metrics and its lineage,
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -206,13 +209,30 @@ def migrate(url: str) -> None:
 
     engine = make_engine(url)
     try:
-        before = _current_heads(engine)
-        command.upgrade(alembic_config(url), "head")
-        after = _current_heads(engine)
+        with _sqlite_migration_lock(engine):
+            before = _current_heads(engine)
+            command.upgrade(alembic_config(url), "head")
+            after = _current_heads(engine)
     finally:
         engine.dispose()
     if before != after:
         log.info("database schema upgraded: %s -> %s", _heads(before), _heads(after))
+
+
+@contextmanager
+def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    """A file lock beside a SQLite database while migrating it (a server and a worker starting
+    together); PostgreSQL takes an advisory lock in the migration's own transaction instead."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.migrate.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _current_heads(engine: Engine) -> set[str]:
