@@ -290,7 +290,7 @@ def _backward(
             kb, vb = kf[:, :, j0:j1], vf[:, :, j0:j1]
             s = _scores(qb, kb, lay, i0, i1, j0, j1, masked, biases)  # B,K,R,tk
             g = s + offset if offset else s  # used up before s changes below
-            sg = torch.sigmoid(g)
+            sg = torch.sigmoid(g) if stochastic or d_expected is not None else None
             ds = None  # at least one of the two terms below is there
             if d_expected is not None:  # the statistic: dE/count * sig'(g)
                 ds = torch.ops.aten.sigmoid_backward(d_sig_b.expand_as(sg), sg)
@@ -312,8 +312,7 @@ def _backward(
                 grad.mul_(z_slope).sub_(delta_b).mul_(p)  # p (G z~' - Delta)
                 ds = grad if ds is None else ds.add_(grad)
                 del p, z, z_slope, grad
-            del sg
-            del s, g
+            del s, g, sg
             if needs[0]:
                 dqb += ds @ kb
             if needs[1]:
