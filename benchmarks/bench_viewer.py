@@ -114,6 +114,10 @@ def make_app(docs: dict[str, dict]) -> FastAPI:
         m = docs[graph_id]["metadata"]
         return {"id": graph_id, "slug": m["slug"], "prompt": m["prompt"], "transcoder_id": None}
 
+    @app.get("/v1/graphs/{graph_id}/subgraphs")
+    def subgraphs(graph_id: str):
+        return []
+
     @app.get("/v1/graphs/{graph_id}/json")
     def graph_json(graph_id: str):
         from fastapi.responses import Response  # noqa: PLC0415

@@ -241,6 +241,7 @@ def open_graph(page, server, graph_id: str, query: str = ""):
 def shot(page, name: str):
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.mouse.move(1, 1)  # no hover tooltip in the picture
         page.wait_for_timeout(300)
         page.screenshot(path=str(Path(SHOTS) / name))
 

@@ -13,8 +13,9 @@ import json
 import mimetypes
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse
 
@@ -48,7 +49,32 @@ def content_security_policy(frame_ancestors: list[str]) -> str:
     return f"{_CSP}; frame-ancestors {ancestors}"
 
 
-def _page(settings, view: str, params: dict, embed: bool) -> HTMLResponse:
+# Modules each view imports, announced up front so the browser fetches them in parallel.
+_COMMON = ("api.js", "shell.js")
+_MODULES = {
+    "home": ("pages/home.js",),
+    "graph": ("pages/graph.js", "graph-canvas.js", "graph-model.js", "cards.js", "charts.js"),
+    "compare": ("pages/compare.js", "graph-canvas.js", "graph-model.js", "cards.js", "charts.js"),
+    "feature": ("pages/feature.js", "cards.js", "charts.js"),
+    "artifact": ("pages/artifact.js", "charts.js"),
+    "jobs": ("pages/jobs.js", "pages/artifact.js", "charts.js"),
+}
+
+
+def _preloads(view: str, fetches: tuple[str, ...]) -> str:
+    links = [
+        f'<link rel="modulepreload" href="/static/js/{m}">' for m in (*_COMMON, *_MODULES[view])
+    ]
+    links += [
+        f'<link rel="preload" as="fetch" crossorigin href="{html.escape(u, quote=True)}">'
+        for u in fetches
+    ]
+    return "".join(links)
+
+
+def _page(
+    settings, view: str, params: dict, embed: bool, fetches: tuple[str, ...] = ()
+) -> HTMLResponse:
     title = _TITLES[view]
     data = html.escape(json.dumps(params), quote=True)
     nav = (
@@ -58,8 +84,9 @@ def _page(settings, view: str, params: dict, embed: bool) -> HTMLResponse:
             '<header class="chrome"><a class="brand" href="/">sparse-circuits</a>'
             '<nav aria-label="Main"><a href="/">Graphs</a><a href="/#artifacts">Artifacts</a>'
             '<a href="/jobs">Jobs</a></nav><span class="spacer"></span>'
-            '<label class="apikey">API key <input id="api-key" type="password" '
-            'autocomplete="off" placeholder="for writes" size="14"></label></header>'
+            '<form class="apikey" id="api-key-form"><label>API key <input id="api-key" '
+            'type="password" autocomplete="off" placeholder="for writes" size="14"></label>'
+            "</form></header>"
         )
     )
     body = (
@@ -73,7 +100,8 @@ def _page(settings, view: str, params: dict, embed: bool) -> HTMLResponse:
         f"<title>{html.escape(title)}</title>"
         '<link rel="icon" href="data:,">'
         '<link rel="stylesheet" href="/static/css/viewer.css">'
-        '<script type="module" src="/static/js/main.js"></script></head>'
+        '<script type="module" src="/static/js/main.js"></script>'
+        f"{_preloads(view, fetches)}</head>"
         f'<body class="{"embed" if embed else "full"}" data-view="{view}" data-params="{data}">'
         f'{nav}<main id="app" tabindex="-1"><p class="loading">Loading…</p></main>'
         '<div id="announce" class="sr-only" aria-live="polite"></div></body></html>'
@@ -93,8 +121,14 @@ def home(settings: SettingsDep, embed: Embed = False):
 
 
 @router.get("/graphs/{graph_id}", response_class=HTMLResponse)
-def graph_page(graph_id: Id, settings: SettingsDep, embed: Embed = False):
-    return _page(settings, "graph", {"id": graph_id}, embed)
+def graph_page(graph_id: Id, request: Request, settings: SettingsDep, embed: Embed = False):
+    # At the default pruning the graph JSON's URL is known here: start fetching it with the
+    # modules (the page's own fetch of the same URL then takes the preloaded answer).
+    fetches = ()
+    if not {"node_threshold", "edge_threshold"} & set(request.query_params):
+        gid = quote(graph_id, safe="")
+        fetches = (f"/v1/graphs/{gid}/json?node_threshold=0.8&edge_threshold=0.98",)
+    return _page(settings, "graph", {"id": graph_id}, embed, fetches)
 
 
 @router.get("/compare", response_class=HTMLResponse)

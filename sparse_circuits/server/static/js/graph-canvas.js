@@ -8,6 +8,15 @@ import { el, themeColors, onThemeChange } from "./shell.js";
 const MARGIN = { left: 70, right: 14, top: 14, bottom: 58 };
 const BUCKETS = 6; // link magnitude classes per sign
 const KIND_ORDER = { embedding: 0, error: 1, feature: 2, logit: 3 };
+const FAST_LINKS = 4000; // from this many links the weak ones are rasterised in JS
+const STRONG = 4; // buckets from this one up are always stroked (wide, anti-aliased)
+
+function rgb(color) {
+  const m = /^#([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})/i.exec(color || "");
+  if (m) return [parseInt(m[1], 16), parseInt(m[2], 16), parseInt(m[3], 16)];
+  const n = /(\d+)[ ,]+(\d+)[ ,]+(\d+)/.exec(color || "");
+  return n ? [Number(n[1]), Number(n[2]), Number(n[3])] : [128, 128, 128];
+}
 
 export class GraphCanvas {
   constructor(container, { onSelect, onLinkSelect, onHover, label = "Attribution graph" } = {}) {
@@ -34,6 +43,7 @@ export class GraphCanvas {
     this.pinned = new Set(); // node ids
     this.groups = new Map(); // node id -> supernode colour index
     this.only = null; // Set of node ids to show (subgraph view), or null
+    this.fastLinks = FAST_LINKS;
     this.stats = { drawnNodes: 0, drawnLinks: 0, frames: 0, lastDrawMs: 0, drawMs: [] };
     this.colors = themeColors();
     this._dirty = false;
@@ -173,11 +183,14 @@ export class GraphCanvas {
     const ctx = this.baseCtx;
     ctx.setTransform(1, 0, 0, 1, 0, 0);
     ctx.clearRect(0, 0, this.base.width, this.base.height);
+    // Many links: the weaker ones are accumulated in JS (one add per pixel) and put as one
+    // image; stroking tens of thousands of anti-aliased paths costs far more on a CPU raster.
+    const fast = m.links.length >= this.fastLinks;
+    let drawn = fast ? this._rasterLinks(ctx) : 0;
     ctx.setTransform(dpr * view.k, 0, 0, dpr * view.k, dpr * view.x, dpr * view.y);
-    let drawn = 0;
     for (let b = 0; b < this.buckets.length; b++) {
       const list = this.buckets[b];
-      if (!list.length) continue;
+      if (!list.length || (fast && b % BUCKETS < STRONG)) continue;
       const mag = ((b % BUCKETS) + 1) / BUCKETS;
       ctx.strokeStyle = b < BUCKETS ? colors.pos : colors.neg;
       ctx.globalAlpha = 0.25 + 0.6 * mag;
@@ -214,6 +227,95 @@ export class GraphCanvas {
     this.stats.drawnNodes = nodes;
     this.stats.drawnLinks = drawn;
     this.stats.baseRenders = (this.stats.baseRenders || 0) + 1;
+  }
+
+  /** The links of the weaker buckets, as one image: per sign, each link adds its alpha to the
+   * pixels it crosses (DDA, clipped to the canvas); the sums become colour and coverage. */
+  _rasterLinks(ctx) {
+    const m = this.model;
+    const { dpr, view, colors } = this;
+    const W = this.base.width;
+    const H = this.base.height;
+    const N = W * H;
+    if (!this._acc || this._acc.length !== 2 * N) {
+      this._acc = new Float32Array(2 * N);
+      this._img = ctx.createImageData(W, H);
+    }
+    const acc = this._acc;
+    acc.fill(0);
+    const k = dpr * view.k;
+    const ox = dpr * view.x;
+    const oy = dpr * view.y;
+    let drawn = 0;
+    for (let b = 0; b < this.buckets.length; b++) {
+      if (b % BUCKETS >= STRONG) continue;
+      const a = 0.25 + (0.6 * ((b % BUCKETS) + 1)) / BUCKETS;
+      const off = b < BUCKETS ? 0 : N;
+      for (const i of this.buckets[b]) {
+        const l = m.links[i];
+        const s = m.nodes[l.s];
+        const t = m.nodes[l.t];
+        if (this.only && !(this.only.has(s.node_id) && this.only.has(t.node_id))) continue;
+        drawn++;
+        let x0 = s.x * k + ox;
+        let y0 = s.y * k + oy;
+        const dx = t.x * k + ox - x0;
+        const dy = t.y * k + oy - y0;
+        // clip the segment to [0, W) x [0, H) (Liang-Barsky)
+        let t0 = 0;
+        let t1 = 1;
+        let inside = true;
+        for (let e = 0; e < 4 && inside; e++) {
+          const p = e === 0 ? -dx : e === 1 ? dx : e === 2 ? -dy : dy;
+          const q = e === 0 ? x0 : e === 1 ? W - 1 - x0 : e === 2 ? y0 : H - 1 - y0;
+          if (p === 0) inside = q >= 0;
+          else {
+            const r = q / p;
+            if (p < 0) {
+              if (r > t1) inside = false;
+              else if (r > t0) t0 = r;
+            } else if (r < t0) inside = false;
+            else if (r < t1) t1 = r;
+          }
+        }
+        if (!inside) continue;
+        x0 += t0 * dx;
+        y0 += t0 * dy;
+        const ex = dx * (t1 - t0);
+        const ey = dy * (t1 - t0);
+        const n = Math.ceil(Math.max(Math.abs(ex), Math.abs(ey)));
+        const sx = n ? ex / n : 0;
+        const sy = n ? ey / n : 0;
+        let x = x0 + 0.5;
+        let y = y0 + 0.5;
+        for (let j = 0; j <= n; j++) {
+          acc[off + (y | 0) * W + (x | 0)] += a;
+          x += sx;
+          y += sy;
+        }
+      }
+    }
+    const [pr, pg, pb] = rgb(colors.pos);
+    const [nr, ng, nb] = rgb(colors.neg);
+    const img = this._img;
+    const px = new Uint32Array(img.data.buffer);
+    px.fill(0);
+    const d = img.data;
+    for (let p = 0; p < N; p++) {
+      const ap = acc[p];
+      const an = acc[N + p];
+      if (ap === 0 && an === 0) continue;
+      const cp = ap > 1 ? 1 : ap;
+      const cn = an > 1 ? 1 : an;
+      const sum = cp + cn;
+      const q = 4 * p;
+      d[q] = (pr * cp + nr * cn) / sum;
+      d[q + 1] = (pg * cp + ng * cn) / sum;
+      d[q + 2] = (pb * cp + nb * cn) / sum;
+      d[q + 3] = 255 * (1 - (1 - cp) * (1 - cn));
+    }
+    ctx.putImageData(img, 0, 0);
+    return drawn;
   }
 
   _shape(ctx, n, x, y, r) {
@@ -316,6 +418,27 @@ export class GraphCanvas {
     for (const [id, g] of this.groups) {
       const n = m.byId.get(id);
       if (n && this.visible(n)) ring(n, `hsl(${(g * 67) % 360} 70% 50%)`, 2, 5);
+    }
+    // supernode labels above their members
+    if (this.groupLabels && this.groupLabels.length) {
+      const spots = new Map();
+      for (const [id, g] of this.groups) {
+        const n = m.byId.get(id);
+        if (!n || !this.visible(n)) continue;
+        const p = this.screenOf(n);
+        const s = spots.get(g) || { x: 0, k: 0, y: Infinity };
+        s.x += p.x;
+        s.k += 1;
+        s.y = Math.min(s.y, p.y);
+        spots.set(g, s);
+      }
+      ctx.font = "600 12px system-ui, sans-serif";
+      ctx.textAlign = "center";
+      ctx.textBaseline = "bottom";
+      for (const [g, s] of spots) {
+        ctx.fillStyle = `hsl(${(g * 67) % 360} 70% 45%)`;
+        ctx.fillText(this.groupLabels[g - 1] || "", s.x / s.k, s.y - 10);
+      }
     }
     if (focus !== null) ring(m.nodes[focus], colors.fg, 2, 2);
     if (this.selected !== null) ring(m.nodes[this.selected], colors.accent, 3, 4);

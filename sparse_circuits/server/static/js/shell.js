@@ -112,6 +112,10 @@ export function wireChrome() {
   if (!input) return;
   input.value = apiKey();
   input.addEventListener("change", () => setApiKey(input.value.trim()));
+  document.getElementById("api-key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    setApiKey(input.value.trim());
+  });
 }
 
 /** Theme colours from the stylesheet's custom properties (they follow prefers-color-scheme). */

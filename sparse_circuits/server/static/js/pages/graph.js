@@ -90,6 +90,7 @@ export class GraphPage {
   }
 
   async load() {
+    const pruned = this.fetchPruned(false); // in parallel with the graph's record
     try {
       this.graph = await get(paths.graph(this.graphId));
     } catch (err) {
@@ -104,7 +105,7 @@ export class GraphPage {
       this.title.title = this.graph.prompt || "";
       document.title = `${this.title.textContent} · sparse-circuits`;
     }
-    await this.fetchPruned(false);
+    await pruned;
     this._loadSubgraphNames();
   }
 
@@ -248,6 +249,7 @@ export class GraphPage {
     this.canvas.pinned = this.pinned;
     this.canvas.groups = new Map();
     this.supernodes.forEach((s, g) => s.slice(1).forEach((id) => this.canvas.groups.set(id, g + 1)));
+    this.canvas.groupLabels = this.supernodes.map((s) => s[0]);
     this.canvas.redraw();
   }
 
