@@ -307,3 +307,39 @@ def test_resources_and_entrypoints(ray_head, tmp_path):
     assert cpu.entrypoint("/data", launch, cpu.resources("x", {})) == (
         "exec python -m sparse_circuits.jobs.runner --data-dir /data --job-id j1 --attempt 3"
     )
+
+
+def test_train_clt_under_torchrun_inside_a_ray_job(ray_head, tmp_path, make_tiny_model, token_file):
+    """Two gloo ranks under `torchrun` inside one Ray job (how several GPUs train one CLT); rank 0
+    alone reports progress and the outcome."""
+    from sparse_circuits.clt.train import TrainCLTConfig, train_clt  # noqa: PLC0415
+    from sparse_circuits.jobs.backend import Launch  # noqa: PLC0415
+    from sparse_circuits.jobs.ray_backend import RayBackend  # noqa: PLC0415
+    from sparse_circuits.jobs.runner import OUTCOME_FILE, prepare_job_dir  # noqa: PLC0415
+    from sparse_circuits.jobs.specs import validate_job  # noqa: PLC0415
+
+    data = tmp_path / "data"
+    model = save_model(make_tiny_model(), data / "models" / "tiny")
+    harvest(HarvestConfig(model=model, out=str(data / "activations" / "a.zarr"), tokens_file=token_file,
+                          tokens=512, batch_size=8, shard_rows=256, shuffle_shards=1, device="cpu"))  # fmt: skip
+    raw = CLT_CONFIG | {"out": "clts/ddp", "steps": 30, "activation": "relu", "eval_steps": 5}
+    config = validate_job("train-clt", raw, data).model_dump(mode="json")
+    backend = RayBackend(ray_head, nproc=2)
+    prepare_job_dir(data, "ddp", "train-clt", config, 1)
+    started = backend.start(Launch("ddp", 1, data, "train-clt", config))
+    status = _wait(lambda: (s := backend.poll(started.ref)) is not None and (s,), 180, "the Ray job")[0]  # fmt: skip
+    info = ray_submission.JobSubmissionClient(ray_head).get_job_info(started.ref)
+    assert status == 0, info.message
+    assert info.entrypoint.startswith("exec torchrun --standalone --nproc-per-node=2")
+    outcome = json.loads((data / "jobs" / "ddp" / OUTCOME_FILE).read_text())
+    assert outcome["state"] == "succeeded" and outcome["result"] == "clts/ddp"
+
+    # The same CLT as one process would train, up to where the ranks' data-dependent
+    # initialisation differs (each rank sees its half of the first batch): same files, same
+    # steps and tokens, and a reconstruction as good.
+    single = train_clt(TrainCLTConfig(**(raw | {"activations": str(data / "activations/a.zarr"), "out": tmp_path / "one"})))  # fmt: skip
+    ddp = data / "clts/ddp"
+    assert sorted(p.name for p in ddp.glob("W_*")) == sorted(p.name for p in single.glob("W_*"))
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, ddp))
+    assert (two["steps"], two["tokens"]) == (one["steps"], one["tokens"]) == (30, 30 * 64)
+    assert two["fvu"] == pytest.approx(one["fvu"], rel=0.05)

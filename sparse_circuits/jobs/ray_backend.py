@@ -65,7 +65,8 @@ class RayBackend(JobBackend):
     python: the interpreter on the Ray nodes. num_cpus / num_gpus / memory_gb: what one job
     asks for; a job whose config says `device: cuda...` (or `auto` when num_gpus is set) asks
     for num_gpus GPUs (at least one), and train-clt given two or more runs under torchrun with
-    one process per GPU. env: extra environment for the jobs (e.g. S3 settings).
+    one process per GPU (nproc: that many processes instead; on CPU, gloo ranks each asking for
+    a CPU). env: extra environment for the jobs (e.g. S3 settings).
     """
 
     name = "ray"
@@ -79,6 +80,7 @@ class RayBackend(JobBackend):
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         memory_gb: float | None = None,
+        nproc: int | None = None,
         stop_grace_s: int = 60,
         env: dict[str, str] | None = None,
     ):
@@ -89,6 +91,7 @@ class RayBackend(JobBackend):
         self.data_dir = None if data_dir is None else str(data_dir)
         self.python = python
         self.num_cpus, self.num_gpus, self.memory_gb = num_cpus, num_gpus, memory_gb
+        self.nproc = nproc
         self.stop_grace_s = stop_grace_s
         self.env = dict(env or {})
         self._unreachable_since: dict[str, float] = {}
@@ -99,9 +102,12 @@ class RayBackend(JobBackend):
         device = str(config.get("device", "cpu"))
         gpu = device.startswith("cuda") or (device == "auto" and self.num_gpus > 0)
         gpus = max(self.num_gpus, 1.0) if gpu else 0.0
-        nproc = int(gpus) if kind == "train-clt" and gpus >= 2 else 1
+        nproc = 1
+        if kind == "train-clt":  # the stage that runs under torchrun (DDP)
+            nproc = self.nproc or (int(gpus) if gpus >= 2 else 1)
+        cpus = max(self.num_cpus, float(nproc)) if not gpu else self.num_cpus
         memory = int(self.memory_gb * 2**30) if self.memory_gb else None
-        return RayResources(self.num_cpus, gpus, memory, nproc)
+        return RayResources(cpus, gpus, memory, nproc)
 
     def entrypoint(self, data_dir: str, launch: Launch, resources: RayResources) -> str:
         if resources.nproc > 1:
@@ -121,7 +127,7 @@ class RayBackend(JobBackend):
         sid = submission_id(launch.job_id, launch.attempt)
         data_dir = self.data_dir or str(Path(launch.data_dir).resolve())
         env = {
-            "OMP_NUM_THREADS": str(max(1, int(resources.num_cpus))),
+            "OMP_NUM_THREADS": str(max(1, int(resources.num_cpus // resources.nproc))),
             "RAY_JOB_STOP_WAIT_TIME_S": str(self.stop_grace_s),  # read by Ray's job supervisor
             "PYTHONUNBUFFERED": "1",
         } | self.env
@@ -223,4 +229,5 @@ def make_backend(config) -> RayBackend:
         num_cpus=getattr(config, "ray_num_cpus", 1.0),
         num_gpus=getattr(config, "ray_num_gpus", 0.0),
         memory_gb=getattr(config, "ray_memory_gb", None),
+        nproc=getattr(config, "ray_nproc", None),
     )
