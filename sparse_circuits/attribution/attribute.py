@@ -333,7 +333,9 @@ class AttributeConfig(BaseModel):
         description="What an embedding node holds: token+position (the token embedding plus a learned position "
         "embedding) or token (the token embedding alone, as circuit-tracer; the position embedding joins the biases).",
     )
-    slug: str | None = Field(None, description="Graph slug (default: the output file's stem).")
+    slug: str | None = Field(
+        None, description="Graph slug (default: the stem of out, else the store dir's name)."
+    )
     scan: str | None = Field(
         None, description="Model id in the graph's metadata (default: the model dir's name)."
     )

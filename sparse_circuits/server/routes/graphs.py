@@ -645,11 +645,11 @@ async def graph_json(
     request: Request,
     graph_id: GraphIdParam,
     _key: ReadKeyDep,
-    settings: SettingsDep,
     node_threshold: Threshold = None,
     edge_threshold: Threshold = None,
 ) -> Response:
     services = graph_services(request)
+    settings: ServerSettings = request.app.state.settings  # not a dependency: no thread hop
     found = None
     if node_threshold is not None and edge_threshold is not None:  # the fast path: no database
         found = services.docs.get(_cache_key(graph_id, node_threshold, edge_threshold))
