@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -23,7 +24,7 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def get_settings(request: Request) -> ServerSettings:
+async def get_settings(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
@@ -69,16 +70,26 @@ def require_write_key(
     return key
 
 
-def check_read_key(
-    session: SessionDep,
+async def check_read_key(
+    request: Request,
     settings: SettingsDep,
     secret: Annotated[str | None, Depends(_api_key_header)],
 ) -> ApiKey | None:
-    """Reads are open unless the settings ask for a key; a key that is sent must be valid."""
-    key = _key_for(session, secret)
-    if key is None and settings.read_requires_key:
-        raise ProblemError(401, f"this server requires an API key in {API_KEY_HEADER} for reads")
-    return key
+    """Reads are open unless the settings ask for a key; a key that is sent must be valid. An
+    open read without a key touches neither the database nor a worker thread (the graph JSON's
+    fast path depends on it)."""
+    if not secret:
+        if settings.read_requires_key:
+            raise ProblemError(
+                401, f"this server requires an API key in {API_KEY_HEADER} for reads"
+            )
+        return None
+    return await run_in_threadpool(_lookup, request, secret)
+
+
+def _lookup(request: Request, secret: str) -> ApiKey | None:
+    with request.app.state.sessionmaker() as session:
+        return _key_for(session, secret)
 
 
 WriteKeyDep = Annotated[ApiKey, Depends(require_write_key)]
