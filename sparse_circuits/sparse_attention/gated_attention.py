@@ -280,7 +280,7 @@ def _backward(
         dqb = torch.zeros(B, K, R, D, dtype=f32, device=q.device)
         if d_out is not None:
             dob = _rows(d_out, lay, i0, i1)  # B,K,R,D
-            delta_b = _rows(delta[..., None], lay, i0, i1)  # B,K,R,1
+            neg_delta_b = _rows(delta[..., None], lay, i0, i1).neg()  # B,K,R,1
         if d_expected is not None:
             d_sig_b = d_sig.expand(B, K, lay.G, tq).reshape(B, K, R, 1)
         if stochastic:
@@ -301,7 +301,7 @@ def _backward(
                     # z~'s value z plus its straight-through slope sig'(n) = ab / (a + b)^2
                     a = torch.rsub(w, 1.0).mul_(sg)  # sig(g) (1 - w)
                     b = torch.sigmoid(g.neg()).mul_(w)  # sig(-g) w
-                    z_slope = (a * b).div_(a.add_(b).square_()).add_(z)
+                    z_slope = torch.addcdiv(z, a * b, a.add_(b).square_())
                     del w, a, b
                 else:
                     z = _step(g)
@@ -309,8 +309,8 @@ def _backward(
                 p = s.sub_(lse_b).exp_()  # the softmax over all keys, recomputed in place
                 dv[:, :, j0:j1] += (p * z).transpose(-1, -2) @ dob  # A^T dO
                 grad = dob @ vb.transpose(-1, -2)  # G_ij = dO_i . v_j
-                grad.mul_(z_slope).sub_(delta_b).mul_(p)  # p (G z~' - Delta)
-                ds = grad if ds is None else ds.add_(grad)
+                grad = torch.addcmul(neg_delta_b, grad, z_slope)  # G z~' - Delta
+                ds = grad.mul_(p) if ds is None else ds.addcmul_(grad, p)  # times p
                 del p, z, z_slope, grad
             del s, g, sg
             if needs[0]:
