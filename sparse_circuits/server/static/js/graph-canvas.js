@@ -249,7 +249,7 @@ export class GraphCanvas {
     let drawn = 0;
     for (let b = 0; b < this.buckets.length; b++) {
       if (b % BUCKETS >= STRONG) continue;
-      const a = 0.25 + (0.6 * ((b % BUCKETS) + 1)) / BUCKETS;
+      const a = 0.1 + (0.35 * ((b % BUCKETS) + 1)) / BUCKETS;
       const off = b < BUCKETS ? 0 : N;
       for (const i of this.buckets[b]) {
         const l = m.links[i];
@@ -305,8 +305,8 @@ export class GraphCanvas {
       const ap = acc[p];
       const an = acc[N + p];
       if (ap === 0 && an === 0) continue;
-      const cp = ap > 1 ? 1 : ap;
-      const cn = an > 1 ? 1 : an;
+      const cp = 1 - Math.exp(-ap); // overlapping links build up, never quite saturate
+      const cn = 1 - Math.exp(-an);
       const sum = cp + cn;
       const q = 4 * p;
       d[q] = (pr * cp + nr * cn) / sum;
@@ -337,10 +337,12 @@ export class GraphCanvas {
     const m = this.model;
     if (!m || !this.w) return;
     const t0 = performance.now();
+    if (!this.stats.firstDrawAt) performance.mark("viewer:draw-start");
     const { ctx, dpr, view, colors } = this;
     const moving = performance.now() - (this._movedAt || 0) < 150;
     const stale = !this.baseView || this.baseView.k !== view.k || this.baseView.x !== view.x || this.baseView.y !== view.y;
     if (!this.baseValid || (stale && !moving)) this._renderBase();
+    if (!this.stats.firstDrawAt) performance.mark("viewer:base");
     else if (stale) {
       clearTimeout(this._settle);
       this._settle = setTimeout(() => this.redraw(), 160);
@@ -506,7 +508,8 @@ export class GraphCanvas {
       if (x < MARGIN.left - w || x > this.w + w) continue;
       const tok = JSON.stringify(m.token(p)).slice(1, -1);
       ctx.save();
-      if (w < ctx.measureText(tok).width + 6) {
+      const rotated = w < ctx.measureText(tok).width + 6;
+      if (rotated) {
         ctx.translate(x, y);
         ctx.rotate(-Math.PI / 5);
         ctx.textAlign = "right";
@@ -519,7 +522,7 @@ export class GraphCanvas {
       ctx.fillStyle = colors.muted;
       ctx.font = "10px system-ui, sans-serif";
       ctx.textAlign = "center";
-      if (w > 18) ctx.fillText(String(p), x, y + 18);
+      if (!rotated && w > 18) ctx.fillText(String(p), x, y + 18);
       ctx.fillStyle = colors.fg;
       ctx.font = "13px ui-monospace, SFMono-Regular, Menlo, monospace";
     }
