@@ -103,6 +103,7 @@ class Running:
         self.config = config  # validated, its paths relative to the data dir
         self.ref, self.path = ref, path
         self.next_beat = 0.0
+        self.renewed = time.monotonic()  # the lease was last renewed (claimed) then
         self.stopping: str | None = None  # "cancel" or "shutdown" once asked
         self.stop_deadline: float | None = None
 
@@ -243,11 +244,25 @@ class Worker:
             log.warning("job %s did not stop in %.0f s: killing it", run.job_id, self.cfg.grace_s)
             self.backend.kill(run.ref)
             return
+        if time.monotonic() - run.renewed > self.cfg.lease_s - self.cfg.heartbeat_s:
+            self._fence(run)
+            return
         if time.monotonic() >= run.next_beat:
             self._beat(run)
 
+    def _fence(self, run: Running) -> None:
+        """The lease could not be renewed (database unreachable) and is about to expire: end
+        the job here before another worker may claim it (it resumes there)."""
+        log.error(
+            "job %s: lease not renewed for %.0f s; stopping it here", run.job_id, self.cfg.lease_s
+        )
+        self.backend.kill(run.ref)
+        self.backend.poll(run.ref)
+        del self.running[run.job_id]
+
     def _beat(self, run: Running) -> None:
-        run.next_beat = time.monotonic() + self.cfg.heartbeat_s
+        now = time.monotonic()
+        run.next_beat = now + self.cfg.heartbeat_s
         with self.sessions() as session:
             beat = queue.heartbeat(
                 session,
@@ -257,6 +272,8 @@ class Worker:
                 lease_s=self.cfg.lease_s,
                 **read_progress(self.data_dir, run.path, run.config),
             )
+        if beat.owned:
+            run.renewed = now
         if not beat.owned:
             self._lost(run)
         elif beat.cancel_requested and run.stopping is None:
