@@ -175,7 +175,10 @@ class Worker:
         )
         idle_since = time.monotonic()
         while not self.stop_event.is_set():
-            self._claim_more()
+            try:
+                self._claim_more()
+            except Exception:  # the database away for a moment: claim again next round
+                log.exception("could not claim a job")
             self._tend_all()
             if self.running:
                 idle_since = time.monotonic()
