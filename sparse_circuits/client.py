@@ -371,8 +371,8 @@ def _show(bar, job: JobPublic) -> None:
         bar.total = job.total
     if job.step is not None:
         bar.n = job.step
-    desc = job.progress_desc or job.state
-    bar.set_description(f"job {job.id} {job.kind}: {desc}", refresh=False)
+    doing = job.progress_desc if job.progress_desc not in (None, "", job.kind) else None
+    bar.set_description(f"{job.kind} {job.id}" + (f" ({doing})" if doing else ""), refresh=False)
     postfix = {"state": job.state}
     for key in ("loss", "fvu", "l0", "accuracy"):
         if job.metrics and isinstance(job.metrics.get(key), (int, float)):

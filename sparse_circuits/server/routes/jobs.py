@@ -291,6 +291,11 @@ def _sse(job: JobPublic) -> bytes:
     return f"event: job\nid: {job.id}\ndata: {job.model_dump_json()}\n\n".encode()
 
 
+def _visible(job: JobPublic) -> dict:
+    """What a follower sees change: everything but `updated_at` (a heartbeat moves it alone)."""
+    return job.model_dump(exclude={"updated_at"})
+
+
 def _snapshot(sessions, job_id: str) -> JobPublic | None:
     with sessions() as session:
         job = session.get(Job, job_id)
@@ -316,7 +321,7 @@ async def _stream_one(request, sessions, job_id, first, poll, max_seconds) -> As
         now = await run_in_threadpool(_snapshot, sessions, job_id)
         if now is None:  # deleted under us
             return
-        if now.model_dump() != last.model_dump():
+        if _visible(now) != _visible(last):
             last, last_sent = now, time.monotonic()
             yield _sse(now)
         elif time.monotonic() - last_sent > _KEEPALIVE_S:
