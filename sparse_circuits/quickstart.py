@@ -183,7 +183,11 @@ def serve(root: Path, host: str, port: int) -> None:
         )
         return
     log.info("serving %s on http://%s:%d (Ctrl-C stops)", root, host, port)
-    serve_data_dir(root, host, port)
+    try:
+        serve_data_dir(root, host, port)
+    except KeyboardInterrupt:
+        pass
+    log.info("stopped serving; `sparse-circuits serve --data-dir %s` serves it again", root)
 
 
 def quickstart(cfg: QuickstartConfig) -> Path:
