@@ -301,7 +301,7 @@ def _backward(
                     # z~'s value z plus its straight-through slope sig'(n) = ab / (a + b)^2
                     a = torch.rsub(w, 1.0).mul_(sg)  # sig(g) (1 - w)
                     b = torch.sigmoid(g.neg()).mul_(w)  # sig(-g) w
-                    z_slope = torch.addcdiv(z, a * b, a.add_(b).square_())
+                    z_slope = (a * b).div_(a.add_(b).square_()).add_(z)
                     del w, a, b
                 else:
                     z = _step(g)
@@ -309,7 +309,7 @@ def _backward(
                 p = s.sub_(lse_b).exp_()  # the softmax over all keys, recomputed in place
                 dv[:, :, j0:j1] += (p * z).transpose(-1, -2) @ dob  # A^T dO
                 grad = dob @ vb.transpose(-1, -2)  # G_ij = dO_i . v_j
-                grad = torch.addcmul(neg_delta_b, grad, z_slope)  # G z~' - Delta
+                grad.mul_(z_slope).add_(neg_delta_b)  # G z~' - Delta, in place
                 ds = grad.mul_(p) if ds is None else ds.addcmul_(grad, p)  # times p
                 del p, z, z_slope, grad
             del s, g, sg
