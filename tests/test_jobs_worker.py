@@ -236,3 +236,42 @@ def test_sigterm_requeues_cancel_keeps_a_partial_artifact_retry_resumes(
         done = s.scalar(select(Artifact).where(Artifact.path == "clts/clt"))
         assert done.state == "complete" and "fvu" in done.metrics
     assert (data / "jobs" / job_id / "log.txt").read_text().count("resumed") >= 2
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_lease_expires(
+    sessions, migrated_url, data
+):
+    import psycopg  # noqa: PLC0415
+
+    job_id = _submit(sessions, data, "train-clt", {**CLT, "steps": 100_000, "out": "clts/c"})
+    worker = _worker(data, migrated_url, "cut-off")
+    admin = migrated_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)
+    name = admin[1]
+    try:
+        _wait_for("the job to train", lambda: _progress(data, job_id) >= 5)
+        child = _job(sessions, job_id).pid
+        sessions.kw["bind"].dispose()
+        with psycopg.connect(admin[0] + "/postgres", autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+            cut_at = time.monotonic()
+            # 2 s (lease_s - 2 heartbeats) after its last renewal the worker ends the job itself,
+            # before the 3 s lease can expire and another worker claim it
+            _wait_for("the job's process to end", lambda: not _alive(child), timeout=10)
+            assert time.monotonic() - cut_at < 3.0
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        # back in touch: the lease expires, the job is claimed again and resumes
+        _wait_for("the second attempt", lambda: _job(sessions, job_id).attempts == 2, timeout=60)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+    attempts = [json.loads(x) for x in (data / "jobs" / job_id / "attempts.jsonl").open()]
+    assert [a["pid"] == child for a in attempts] == [True, False]

@@ -88,9 +88,11 @@ class WorkerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerConfig:
-        if self.heartbeat_s >= self.lease_s:
+        if self.heartbeat_s * 3 > self.lease_s:
             raise ValueError(
-                f"heartbeat_s ({self.heartbeat_s}) must be shorter than lease_s ({self.lease_s})"
+                f"heartbeat_s ({self.heartbeat_s}) must be at most a third of lease_s "
+                f"({self.lease_s}): a job whose lease goes unrenewed for lease_s - 2 heartbeats "
+                "is stopped by its worker, before the lease can expire"
             )
         return self
 
@@ -247,7 +249,7 @@ class Worker:
             log.warning("job %s did not stop in %.0f s: killing it", run.job_id, self.cfg.grace_s)
             self.backend.kill(run.ref)
             return
-        if time.monotonic() - run.renewed > self.cfg.lease_s - self.cfg.heartbeat_s:
+        if time.monotonic() - run.renewed > self.cfg.lease_s - 2 * self.cfg.heartbeat_s:
             self._fence(run)
             return
         if time.monotonic() >= run.next_beat:
