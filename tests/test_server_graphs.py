@@ -226,6 +226,9 @@ def test_bad_input_is_a_4xx_problem_and_writes_nothing(made, snapshot):
         (create(api, model_id, clt_id, prompt_ids=[1, 2]), 422, "exactly one"),
         (create(api, model_id, clt_id, targets=['"x"']), 422, "targets"),
         (create(api, model_id, clt_id, qk_at=["5,0,3,1"]), 422, "qk_at"),
+        (create(api, model_id, clt_id, qk_at=["1,0"]), 422, "qk_at"),
+        (create(api, model_id, clt_id, prompt=None, prompt_ids=[0, 99]), 422, "vocabulary"),
+        (create(api, model_id, clt_id, prompt=None, prompt_ids=[2**40]), 422, "prompt_ids"),
         (create(api, model_id, clt_id, node_threshold=1.5), 422, "node_threshold"),
         (c.post("/v1/graphs", json={"model": model_id, "transcoder": clt_id, "prompt": PROMPT}), 401, "API key"),
         (c.get(f"/v1/graphs/{gid}/json", params={"node_threshold": 1.2}), 422, "node_threshold"),
@@ -383,3 +386,26 @@ def test_features_before_and_after_feature_stats(api, graph_artifacts, snapshot)
     assert_problem(api.client.get(f"/v1/features/{clt_id}/1/24"), 404, "index")
     assert_problem(api.client.get(f"/v1/features/{clt_id}/-1/0"), 422)
     assert snapshot(api) == state
+
+
+def test_a_graph_json_file_the_cli_wrote_is_served_for_its_own_pruning(
+    api_factory, graph_artifacts
+):
+    from sparse_circuits.attribution.attribute import AttributeConfig, run_attribute
+
+    api = api_factory()
+    registered(api, graph_artifacts)
+    out = api.data_dir / "graphs" / "cli.json"
+    run_attribute(AttributeConfig(model=api.data_dir / "models" / "addition-tiny",
+                                  clt=api.data_dir / "clts" / "addition-tiny", prompt=PROMPT,
+                                  out=out, batch_size=16, device="cpu"))  # fmt: skip
+    again = api_factory(data_dir=api.data_dir)  # a server start registers what the CLI wrote
+    listed = again.client.get("/v1/graphs").json()["data"]
+    assert [g["path"] for g in listed] == ["graphs/cli.json"] and not listed[0]["store"]
+    gid = listed[0]["id"]
+    assert again.client.get(f"/v1/graphs/{gid}/json").json() == json.loads(out.read_text())
+    same = {"node_threshold": 0.8, "edge_threshold": 0.98}
+    assert again.client.get(f"/v1/graphs/{gid}/json", params=same).status_code == 200
+    other = {"node_threshold": 0.5, "edge_threshold": 0.98}
+    assert_problem(again.client.get(f"/v1/graphs/{gid}/json", params=other), 409, "node_threshold")
+    assert_problem(again.client.get(f"/v1/graphs/{gid}/subgraphs"), 409, "graph store")

@@ -82,7 +82,7 @@ class GraphCreate(BaseModel):
     prompt: str | None = Field(
         None, min_length=1, max_length=65536, description="Prompt text (BOS is put first)."
     )
-    prompt_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+    prompt_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(
         None, min_length=1, max_length=65536, description="The prompt as token ids, instead."
     )
     targets: list[TargetText] | None = Field(
@@ -390,7 +390,10 @@ def _check_qk_at(body: GraphCreate, cfg, n_pos: int) -> None:
     for i, text in enumerate(body.qk_at):
         parts = text.replace(" ", "").split(",")
         if len(parts) != 4 or not all(p.isdigit() for p in parts):
-            continue  # the config's own validation names it
+            raise _unprocessable(
+                "qk_at", f'{text!r}: expected "layer,head,query,key", four integers >= 0',
+                ["body", "qk_at", i],
+            )  # fmt: skip
         layer, head, query, key = map(int, parts)
         if layer >= cfg.n_layers or head >= cfg.n_heads or query >= n_pos or key > query:
             raise _unprocessable(
