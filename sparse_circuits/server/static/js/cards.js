@@ -77,16 +77,23 @@ export async function loadFeature(target, transcoderId, layer, index) {
   } catch (err) {
     if (err.status === 409) {
       const job = err.problem.job;
-      clear(
-        target,
-        el(
-          "p",
-          { class: "notice" },
-          "Feature statistics have not been computed for this transcoder yet",
-          job && job.id ? [" (", el("a", { href: href("/jobs") }, `job ${job.id}`), ")"] : "",
-          ". Run feature-stats to see top contexts.",
-        ),
-      );
+      const note = el("p", { class: "notice" }, "Feature statistics have not been computed for this transcoder yet.");
+      if (job && job.id) note.append(" They are being computed by ", el("a", { href: href(`/jobs?job=${encodeURIComponent(job.id)}`) }, `job ${job.id}`), ".");
+      else if (job && job.kind) {
+        // the API names the job that would compute them: submit it (needs an API key)
+        const button = el("button", { type: "button", class: "run-stats" }, "Compute them");
+        button.addEventListener("click", async () => {
+          button.disabled = true;
+          try {
+            const made = await post("/v1/jobs", { kind: job.kind, config: job.config });
+            button.replaceWith(el("span", {}, "Submitted: ", el("a", { href: href(`/jobs?job=${encodeURIComponent(made.id)}`) }, `job ${made.id}`)));
+          } catch (e) {
+            button.replaceWith(problemBox(e, "Submit"));
+          }
+        });
+        note.append(" ", button);
+      }
+      clear(target, note);
     } else clear(target, problemBox(err, "Feature"));
     return null;
   }

@@ -112,7 +112,7 @@ export function wireChrome() {
   if (!input) return;
   input.value = apiKey();
   input.addEventListener("change", () => setApiKey(input.value.trim()));
-  document.getElementById("api-key-form").addEventListener("submit", (e) => {
+  input.form?.addEventListener("submit", (e) => {
     e.preventDefault();
     setApiKey(input.value.trim());
   });
