@@ -69,8 +69,8 @@ class WorkerConfig(BaseModel):
     grace_s: float = Field(
         60.0, ge=0, description="On shutdown, how long running jobs get to stop at a step."
     )
-    worker_id: str = Field(
-        default_factory=_default_worker_id, description="This worker's name (default host:pid)."
+    worker_id: str | None = Field(
+        None, description="This worker's name, unique among workers (default: host:pid)."
     )
     backend: Literal["local", "ray"] = Field(
         "local", description="Where jobs run: child processes here, or Ray jobs."
@@ -87,7 +87,9 @@ class WorkerConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _heartbeat_within_lease(self) -> WorkerConfig:
+    def _name_and_lease(self) -> WorkerConfig:
+        if self.worker_id is None:
+            self.worker_id = _default_worker_id()
         if self.heartbeat_s * 3 > self.lease_s:
             raise ValueError(
                 f"heartbeat_s ({self.heartbeat_s}) must be at most a third of lease_s "
