@@ -281,10 +281,11 @@ def test_a_graph_over_the_budget_is_made_by_a_worker_job(api_factory, graph_arti
 
     api = api_factory(inline_graph_budget_s=0)
     model_id, clt_id = registered(api, graph_artifacts)
-    r = create(api, model_id, clt_id, slug="queued")
+    r = create(api, model_id, clt_id, slug="queued", max_feature_nodes=None)
     assert r.status_code == 202, r.text
     body = r.json()
     gid, job = body["graph_id"], body["job"]
+    assert job["config"]["max_feature_nodes"] is None  # every active feature, as asked
     assert body["graph"]["state"] == "pending" and body["estimated_s"] > 0
     assert job["kind"] == "attribute" and job["config"]["store_dir"] == f"graphs/{gid}"
     assert api.client.get(f"/v1/graphs/{gid}").json()["state"] == "pending"

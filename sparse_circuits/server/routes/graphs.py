@@ -452,8 +452,7 @@ def create(
         "qk_at": body.qk_at, "node_threshold": body.node_threshold,
         "edge_threshold": body.edge_threshold, "slug": body.slug or graph_id, "scan": model_row.name,
     }  # fmt: skip
-    config = validate_config("attribute", {k: v for k, v in config.items() if v is not None},
-                             settings.data_dir)  # fmt: skip
+    config = validate_config("attribute", config, settings.data_dir)  # None: all features
     clt = clt_facts(clt_dir)
     estimate = estimate_seconds(
         n_pos=n_pos, n_layers=cfg.n_layers, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
