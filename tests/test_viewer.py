@@ -322,6 +322,13 @@ def test_a_cross_position_link_shows_head_loadings_summing_to_its_weight(page, s
     assert sum(values) == pytest.approx(link["weight"], rel=1e-3, abs=1e-5)
     assert float(card.get_attribute("data-weight")) == pytest.approx(link["weight"])
     shot(page, "graph-link.png")
+    # its heads: a head's card with its share of the graph and the links it carries
+    layer, head = link["head_loadings"][0][:2]
+    card.locator(".head-loadings button.bar-label").first.click()
+    head_card = page.locator(f'.head-card[data-layer="{layer}"][data-head="{head}"]')
+    head_card.locator(".head-share").wait_for()
+    assert head_card.locator(".bar-row").count() >= 1
+    assert page.locator(".heads .bar-row").count() >= 1  # the graph's heads, largest share first
 
 
 def test_qk_on_demand_and_a_saved_subgraph_with_a_supernode(page, server, graphs):

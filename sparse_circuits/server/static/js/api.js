@@ -63,6 +63,8 @@ export const paths = {
     `/v1/graphs/${enc(id)}/json${query({ node_threshold: nodeThreshold, edge_threshold: edgeThreshold })}`,
   linkAttention: (id, source, target) => `/v1/graphs/${enc(id)}/links/attention${query({ source, target })}`,
   qk: (id) => `/v1/graphs/${enc(id)}/qk`,
+  head: (id, layer, head, nodeThreshold, edgeThreshold) =>
+    `/v1/graphs/${enc(id)}/heads/${layer}/${head}${query({ node_threshold: nodeThreshold, edge_threshold: edgeThreshold })}`,
   subgraph: (id, name) => `/v1/graphs/${enc(id)}/subgraphs/${enc(name)}`,
   subgraphs: (id) => `/v1/graphs/${enc(id)}/subgraphs`,
   feature: (tid, layer, index) => `/v1/features/${enc(tid)}/${layer}/${index}`,

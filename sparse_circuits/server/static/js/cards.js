@@ -1,7 +1,7 @@
 // Cards: a feature (top contexts, frequency, histogram, logits), a node of any kind, and a link
 // between positions (head loadings, QK attribution, computing QK on demand).
 
-import { get, post, paths } from "./api.js";
+import { get, paths, post } from "./api.js";
 import { histogram } from "./charts.js";
 import { el, clear, fmt, href, problemBox } from "./shell.js";
 
@@ -182,7 +182,7 @@ export function nodeCard(page, node) {
 
 // ---------------------------------------------------------------- links
 
-function bars(loadings, weight) {
+function bars(loadings, weight, page) {
   const max = Math.max(1e-12, ...loadings.map(([, , v]) => Math.abs(v)));
   const sum = loadings.reduce((a, [, , v]) => a + v, 0);
   return el(
@@ -197,7 +197,9 @@ function bars(loadings, weight) {
         el(
           "li",
           { class: "bar-row", dataset: { layer, head, value: String(v) } },
-          el("span", { class: "bar-label" }, `L${layer}.H${head}`),
+          page && page.selectHead
+            ? el("button", { type: "button", class: "linkish bar-label", title: "this head's card", onclick: () => page.selectHead(layer, head) }, `L${layer}.H${head}`)
+            : el("span", { class: "bar-label" }, `L${layer}.H${head}`),
           el("span", { class: "bar-track" }, el("span", { class: `bar ${v >= 0 ? "pos" : "neg"}`, style: { width: `${(100 * Math.abs(v)) / max}%` } })),
           el("span", { class: "bar-value" }, fmt(v, 4)),
         ),
@@ -315,7 +317,7 @@ async function fillAttention(page, link, body) {
     }
   }
   const qkBox = el("div", { class: "qk-box" });
-  clear(body, bars(loadings, link.weight), qkBox);
+  clear(body, bars(loadings, link.weight, page), qkBox);
   const draw = () => {
     const shown = [];
     const buttons = [];
@@ -356,4 +358,100 @@ async function fillAttention(page, link, body) {
     );
   };
   draw();
+}
+
+// ---------------------------------------------------------------- heads
+
+/** The links of this pruning that head (layer, head) carries a part of, from the JSON itself. */
+function headLinksFromJson(page, layer, head) {
+  const out = [];
+  for (const l of page.model.links)
+    for (const [j, h, v] of l.head_loadings || []) if (j === layer && h === head) out.push({ source: l.source, target: l.target, weight: l.weight, loading: v });
+  return out.sort((a, b) => Math.abs(b.loading) - Math.abs(a.loading));
+}
+
+export function headCard(page, layer, head) {
+  const body = el("div", { class: "card-body" }, el("p", { class: "loading" }, "Loading…"));
+  const card = el(
+    "article",
+    { class: "card head-card", dataset: { layer, head }, "aria-label": `head L${layer}.H${head}` },
+    el("header", {}, el("h3", {}, `Attention head L${layer}.H${head}`)),
+    body,
+  );
+  const show = (info, links) => {
+    if (page.canvas) {
+      const marked = new Set();
+      for (const l of links) {
+        const link = page.model.link(l.source, l.target);
+        if (link) marked.add(link.i);
+      }
+      page.canvas.mark(marked);
+    }
+    const max = Math.max(1e-12, ...links.map((l) => Math.abs(l.loading)));
+    clear(
+      body,
+      info
+        ? el(
+            "dl",
+            { class: "facts" },
+            el("dt", {}, "share"),
+            el("dd", { class: "head-share" }, `${fmt(100 * info.share, 1)} % of the attention-mediated attribution`),
+            el("dt", {}, "rank"),
+            el("dd", {}, `${info.rank} of ${info.total_heads} (${info.heads_for_coverage} heads hold ${fmt(100 * info.coverage, 0)} %)`),
+            el("dt", {}, "links"),
+            el("dd", {}, `${fmt(info.n_links)} cross-position links carry a part${info.links_without_loadings ? ` (${info.links_without_loadings} links have no stored loadings)` : ""}`),
+          )
+        : el("p", { class: "muted" }, "From this pruning's head loadings:"),
+      el("h4", {}, "links it carries most"),
+      links.length ? null : el("p", { class: "muted" }, "No link of this pruning goes through it."),
+      el(
+        "ol",
+        { class: "bars" },
+        links.slice(0, 15).map((l) => {
+          const link = page.model.link(l.source, l.target);
+          const s = page.model.byId.get(l.source);
+          const t = page.model.byId.get(l.target);
+          const label = s && t ? `${page.model.shortLabel(s)} → ${page.model.shortLabel(t)}` : `${l.source} → ${l.target}`;
+          return el(
+            "li",
+            { class: "bar-row wide" },
+            link ? el("button", { type: "button", class: "linkish bar-label", title: label, onclick: () => page.selectLink(link.i) }, label) : el("span", { class: "bar-label", title: label }, label),
+            el("span", { class: "bar-track" }, el("span", { class: `bar ${l.loading >= 0 ? "pos" : "neg"}`, style: { width: `${(100 * Math.abs(l.loading)) / max}%` } })),
+            el("span", { class: "bar-value" }, fmt(l.loading)),
+          );
+        }),
+      ),
+    );
+  };
+  get(paths.head(page.graphId, layer, head, page.thresholds?.node, page.thresholds?.edge))
+    .then((info) => show(info, info.top_links || []))
+    .catch(() => show(null, headLinksFromJson(page, layer, head)));
+  return card;
+}
+
+/** The heads holding the pruning's attention-mediated attribution, largest share first. */
+export function headsList(page) {
+  const att = page.model && page.model.doc.attention;
+  const heads = (att && att.summary && att.summary.heads) || [];
+  if (!heads.length) return null;
+  const max = Math.max(1e-12, ...heads.map((h) => h.share));
+  const n80 = att.summary.n_heads;
+  return el(
+    "section",
+    { class: "heads", "aria-label": "attention heads" },
+    el("h3", {}, `Attention heads · ${n80 ?? "?"} of ${att.summary.total_heads ?? heads.length} hold ${fmt(100 * (att.summary.coverage ?? 0.8), 0)} %`),
+    el(
+      "ol",
+      { class: "bars" },
+      heads.slice(0, 12).map((h, i) =>
+        el(
+          "li",
+          { class: `bar-row${n80 !== undefined && i < n80 ? " core" : ""}` },
+          el("button", { type: "button", class: "linkish bar-label", onclick: () => page.selectHead(h.layer, h.head) }, `L${h.layer}.H${h.head}`),
+          el("span", { class: "bar-track" }, el("span", { class: "bar pos", style: { width: `${(100 * h.share) / max}%` } })),
+          el("span", { class: "bar-value" }, `${fmt(100 * h.share, 1)} %`),
+        ),
+      ),
+    ),
+  );
 }

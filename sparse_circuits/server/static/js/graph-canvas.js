@@ -363,6 +363,7 @@ export class GraphCanvas {
     if (focus !== null) for (const i of [...m.nodes[focus].in, ...m.nodes[focus].out]) focusLinks.add(i);
     if (this.hoverLink !== null) focusLinks.add(this.hoverLink);
     if (this.selectedLink !== null) focusLinks.add(this.selectedLink);
+    if (this.marked) for (const i of this.marked) focusLinks.add(i);
     const grow = Math.sqrt(Math.min(view.k, 4));
     if (focusLinks.size) {
       // dim the scene, then draw the focused links and their ends on top
@@ -622,7 +623,14 @@ export class GraphCanvas {
 
   // ------------------------------------------------------------------ selection
 
+  /** Emphasise these links (a head's), as a selection does; null clears. */
+  mark(links) {
+    this.marked = links && links.size ? links : null;
+    this.redraw();
+  }
+
   select(i, { emit = true } = {}) {
+    this.marked = null;
     this.selected = i;
     this.selectedLink = null;
     if (i !== null) this.reveal(i);
@@ -631,6 +639,7 @@ export class GraphCanvas {
   }
 
   selectLink(i, { emit = true } = {}) {
+    this.marked = null;
     this.selectedLink = i;
     this.redraw();
     if (emit) this.onLinkSelect(i === null ? null : this.model.links[i]);

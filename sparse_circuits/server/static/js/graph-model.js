@@ -84,6 +84,15 @@ export class GraphModel {
     return node.clerp || `logit ${node.feature}`;
   }
 
+  /** A few characters: L0#3@6, err L1@6, "5"@1, logit "1". */
+  shortLabel(node) {
+    if (node.kind === "feature" && node.address) return `L${node.address.layer}#${node.address.index}@${node.ctx_idx}`;
+    if (node.kind === "error") return `err L${node.layer}@${node.ctx_idx}`;
+    if (node.kind === "embedding") return `${JSON.stringify(this.token(node.ctx_idx))}@${node.ctx_idx}`;
+    const m = /Output "(.*)" \(p=/.exec(node.clerp || "");
+    return `logit ${m ? JSON.stringify(m[1]) : node.feature}`;
+  }
+
   /** Edges, cross-position edges and heads needed for `coverage` of the pruned graph. */
   circuitSize(coverage = 0.8) {
     const all = this.links.map((l) => Math.abs(l.weight));

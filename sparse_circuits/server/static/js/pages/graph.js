@@ -1,7 +1,7 @@
 // /graphs/{id}: the graph, its pruning controls, cards, and the pinned subgraph.
 
 import { get, put, paths } from "../api.js";
-import { linkCard, nodeCard } from "../cards.js";
+import { headCard, headsList, linkCard, nodeCard } from "../cards.js";
 import { GraphCanvas } from "../graph-canvas.js";
 import { GraphModel } from "../graph-model.js";
 import { announce, clear, el, emit, embedded, fmt, onCommand, params, problemBox, setUrlState, urlState } from "../shell.js";
@@ -79,7 +79,8 @@ export class GraphPage {
     const stage = el("div", { class: "stage" });
     this.card = el("div", { class: "card-slot", "aria-live": "polite" }, el("p", { class: "muted hint" }, "Click a node or a link (or focus the graph and use the arrow keys) to see its card."));
     this.subgraph = el("section", { class: "subgraph", "aria-label": "Subgraph" });
-    const side = el("aside", { class: "side" }, this.card, this.subgraph);
+    this.heads = el("div", { class: "heads-slot" });
+    const side = el("aside", { class: "side" }, this.card, this.subgraph, this.heads);
     clear(this.root, el("div", { class: "graph-page" }, toolbar, this.status, el("div", { class: "graph-main" }, stage, side)));
     this.canvas = new GraphCanvas(stage, {
       onSelect: (n) => this._selected(n, true),
@@ -174,6 +175,15 @@ export class GraphPage {
       if (fromUser) emit("thresholds-changed", { graph: this.graphId, node_threshold: node, edge_threshold: edge });
     }
     this._renderSubgraph();
+    clear(this.heads, headsList(this));
+  }
+
+  selectHead(layer, head) {
+    this.canvas.select(null, { emit: false });
+    this.selectedId = null;
+    clear(this.card, headCard(this, layer, head));
+    announce(`Head L${layer}.H${head}`);
+    emit("head-selected", { graph: this.graphId, layer, head });
   }
 
   state() {
