@@ -21,7 +21,10 @@ hook can read or overwrite), named in plain sight:
 
 Gated attention follows arXiv 2512.05865: p = causal softmax over all keys, gate logit
 g = s + b, z = 1[g + noise > 0] in training (straight-through) and 1[g > 0] at inference,
-output sum_j p_ij z_ij v_j with no renormalisation.
+output sum_j p_ij z_ij v_j with no renormalisation. Two paths compute it, chosen by
+`Transformer.set_gated_impl`: "reference" materialises the T x T pattern (the default, and
+always taken while a hook reads or replaces hook_pattern, as attribution does); "tiled" is
+one operation (gated_attention.py) that never holds a T x T tensor, which sparsify runs.
 """
 
 from __future__ import annotations
