@@ -33,14 +33,17 @@ V = TypeVar("V")
 STORES_KEPT = 2  # loaded graph stores (a 10M-edge graph holds ~120 MB of edges)
 MODELS_KEPT = 2  # loaded (model, CLT) pairs for QK attributions
 GZIP_LEVEL = 5
+DOCS_MAX_BYTES = 1 << 30  # cached graph JSON in all (gzip copies add less), whatever the count
 
 
 class LRU(Generic[K, V]):
-    """A thread-safe least-recently-used map of at most `size` entries (0: keeps nothing)."""
+    """A thread-safe least-recently-used map of at most `size` entries (0: keeps nothing) and,
+    with `weigh`, at most `max_weight` in all (the newest entry is always kept)."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, max_weight: int = 0, weigh: Callable[[V], int] | None = None):
+        self.size, self.max_weight, self.weigh = size, max_weight, weigh
         self._items: OrderedDict[K, V] = OrderedDict()
+        self._weight = 0
         self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
@@ -54,15 +57,23 @@ class LRU(Generic[K, V]):
         if self.size <= 0:
             return
         with self._lock:
+            self._pop(key)
             self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            self._weight += self.weigh(value) if self.weigh else 0
+            while len(self._items) > self.size or (
+                self.weigh and self._weight > self.max_weight and len(self._items) > 1
+            ):
+                self._pop(next(iter(self._items)))
 
     def drop(self, match: Callable[[K], bool]) -> None:
         with self._lock:
             for key in [k for k in self._items if match(k)]:
-                del self._items[key]
+                self._pop(key)
+
+    def _pop(self, key: K) -> None:
+        value = self._items.pop(key, None)
+        if value is not None and self.weigh:
+            self._weight -= self.weigh(value)
 
 
 @dataclass
@@ -115,7 +126,9 @@ class KeyedLocks:
 
 class GraphServices:
     def __init__(self, settings: ServerSettings):
-        self.docs: LRU[tuple[str, float, float], CachedDoc] = LRU(settings.graph_cache_size)
+        self.docs: LRU[tuple[str, float, float], CachedDoc] = LRU(
+            settings.graph_cache_size, DOCS_MAX_BYTES, lambda d: len(d.raw)
+        )
         self.stores: LRU[str, StoredGraph] = LRU(STORES_KEPT)
         self.models: LRU[tuple[str, str, str], LoadedPair] = LRU(MODELS_KEPT)
         self.tokenizers: LRU[str, Any] = LRU(16)
