@@ -230,3 +230,21 @@ def test_stored_size_is_compact(made):
     assert math.isclose(
         stored.scores_full.replacement, graph_scores(stored.graph).replacement, rel_tol=1e-6
     )
+
+
+def test_the_cli_writes_a_store_alone(graph_artifacts, tmp_path):
+    from sparse_circuits.cli import main as cli_main
+
+    store = tmp_path / "graphs" / "cli"
+    args = ["attribute", "--model", str(graph_artifacts.model), "--clt", str(graph_artifacts.clt),
+            "--prompt", PROMPT, "--store-dir", str(store), "--batch-size", "16", "--device", "cpu",
+            "--loadings-node-threshold", "1.0"]  # fmt: skip
+    assert cli_main(args) == 0
+    stored = load_graph(store)
+    assert stored.meta["slug"] == "cli" and stored.loadings.node_threshold == 1.0
+    doc = graph_json_at(stored, 1.0, 1.0)  # every link of the full graph has its loadings
+    jsonschema.validate(doc, load_schema())
+    assert "links_without_loadings" not in doc["attention"]["summary"]
+    assert read_json(store / "run.json")["config"]["store_dir"] == str(store)
+    with pytest.raises(ValueError, match="store_dir"):  # nothing to write: refused up front
+        AttributeConfig(model=graph_artifacts.model, clt=graph_artifacts.clt, prompt=PROMPT)
