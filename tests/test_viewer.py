@@ -3,7 +3,7 @@ server (create_app on a data dir made here: a dense and a sparsified tiny model 
 addition toy's vocabulary, a CLT for each with feature statistics, two graphs of one prompt
 made through the API). No stand-ins for the server: every page reads the same /v1 API.
 
-Skipped only when /usr/bin/chromium is absent (CI installs it). With SC_VIEWER_SCREENSHOTS=DIR
+The browser tests are skipped only when /usr/bin/chromium is absent (CI installs it). With SC_VIEWER_SCREENSHOTS=DIR
 the tests also write the README's screenshots into DIR.
 """
 
@@ -32,9 +32,6 @@ from sparse_circuits.sparse_attention.modeldir import save_model
 from sparse_circuits.sparse_attention.toy import addition_tokenizer
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)"
-)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 PROMPT = "<bos>12+34="
@@ -213,6 +210,8 @@ def pruned(server, graph_id: str, node_threshold: float = 0.8, edge_threshold: f
 
 @pytest.fixture(scope="module")
 def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -546,3 +545,19 @@ def test_graph_view_for_notebooks_is_an_iframe_of_the_embedded_page(server, grap
     assert html.startswith("<iframe") and "embed=true" in html
     r = httpx.get(view.url)
     assert r.status_code == 200 and 'class="embed"' in r.text
+
+
+def test_pages_are_html_shells_with_the_frame_policy_and_static_files_stay_inside(server, graphs):
+    base, gid = server["base"], graphs["sparse"]
+    for path in ("/", f"/graphs/{gid}", f"/compare?a={gid}&b={gid}", "/jobs", "/transcoders/x/features/0/1",
+                 "/models/x", "/stores/x", "/transcoders/x"):  # fmt: skip
+        r = httpx.get(base + path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), path
+        assert "frame-ancestors 'self' http://127.0.0.2:" in r.headers["content-security-policy"]
+        assert '<script type="module" src="/static/js/main.js">' in r.text
+    embedded = httpx.get(f"{base}/graphs/{gid}?embed=true").text
+    assert 'class="embed"' in embedded and "chrome" not in embedded.split("<body", 1)[1]
+    js = httpx.get(f"{base}/static/js/main.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    for bad in ("/static/js/nope.js", "/static/%2e%2e/routes/pages.py", "/static/..%2f..%2fapp.py"):
+        assert httpx.get(base + bad).status_code == 404, bad
