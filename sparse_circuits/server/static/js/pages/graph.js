@@ -101,6 +101,18 @@ export class GraphPage {
       }
       this.graph = null; // the JSON may still come; features then have no transcoder
     }
+    if (this.graph && this.graph.state !== "complete") {
+      // made by a job: say so, and load it when the job is done
+      await pruned;
+      const job = this.graph.job_id;
+      const note = el("p", { class: "notice" }, `This graph is ${this.graph.state}`, job ? [" (", el("a", { href: `/jobs?job=${encodeURIComponent(job)}` }, `job ${job}`), ")"] : "", this.graph.error ? `: ${this.graph.error}` : ".");
+      clear(this.status, note);
+      if (this.graph.state === "pending") {
+        await new Promise((r) => setTimeout(r, 2000));
+        return this.load();
+      }
+      return;
+    }
     if (this.graph) {
       this.title.textContent = this.graph.slug || this.graph.prompt || "Attribution graph";
       this.title.title = this.graph.prompt || "";
