@@ -130,6 +130,7 @@ def train_toy(cfg: ToyTrainConfig) -> Path:
     resolve_device(cfg.device)  # a device this machine lacks fails before the run dir is claimed
     out = claim_run_dir(cfg.out, "train-toy", _identity(cfg))
     data = build_data(DataSpec(task=cfg.task, seed=cfg.seed, heldout_fraction=cfg.heldout_fraction))
+    torch.manual_seed(cfg.seed)  # the initialisation too: one seed, one model
     model = Transformer(
         cfg.model_config_for(data.tokenizer.get_vocab_size(), data.context_length, bos_token_id=0)
     )
@@ -153,6 +154,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         "corpus: %d training sequences of %d tokens", data.train_inputs.shape[0], cfg.context_length
     )
     eos = tokenizer.token_to_id("<|endoftext|>")
+    torch.manual_seed(cfg.seed)  # the initialisation too: one seed, one model
     model = Transformer(
         cfg.model_config_for(tokenizer.get_vocab_size(), cfg.context_length, eos_token_id=eos)
     )
