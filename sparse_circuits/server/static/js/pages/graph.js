@@ -113,6 +113,22 @@ export class GraphPage {
       }
       return;
     }
+    if (this.graph && this.graph.store === false) {
+      // one pruning kept as a JSON file: the thresholds are fixed
+      const own = { node: this.graph.node_threshold ?? DEFAULTS.node, edge: this.graph.edge_threshold ?? DEFAULTS.edge };
+      for (const k of ["node", "edge"]) {
+        for (const input of [this.sliders[k].range, this.sliders[k].num]) {
+          input.disabled = true;
+          input.title = "This graph is one pruning (a graph JSON file): create it again for other thresholds.";
+        }
+      }
+      if (own.node !== this.thresholds.node || own.edge !== this.thresholds.edge) {
+        await pruned;
+        this.thresholds = own;
+        for (const k of ["node", "edge"]) this.sliders[k].range.value = this.sliders[k].num.value = own[k];
+        await this.fetchPruned(false);
+      }
+    }
     if (this.graph) {
       this.title.textContent = this.graph.slug || this.graph.prompt || "Attribution graph";
       this.title.title = this.graph.prompt || "";
@@ -147,11 +163,17 @@ export class GraphPage {
       this.loading = false;
       this.root.classList.remove("busy");
       clear(this.status, problemBox(err, "Graph JSON"));
+      if (this.model && this.good) {
+        // keep showing the last pruning that loaded, with its thresholds
+        this.thresholds = { ...this.good };
+        for (const k of ["node", "edge"]) this.sliders[k].range.value = this.sliders[k].num.value = this.good[k];
+      }
       return;
     }
     this.loading = false;
     this.root.classList.remove("busy");
     clear(this.status);
+    this.good = { node, edge };
     this.loads++;
     const first = !this.model;
     if (first) performance.mark("viewer:json");

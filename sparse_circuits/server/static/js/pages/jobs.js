@@ -134,10 +134,16 @@ export async function jobsView(root) {
     emit("job-selected", { job: id });
   };
 
+  let curvesAt = 0;
   const upsert = (j) => {
     jobs.set(j.id, j);
     render();
-    if (j.id === current) renderDetail(j, TERMINAL.has(j.state));
+    if (j.id !== current) return;
+    // a running job's curve is refetched at most every 5 s; a finished one's once more
+    const now = Date.now();
+    const curves = TERMINAL.has(j.state) || now - curvesAt > 5000;
+    if (curves) curvesAt = now;
+    renderDetail(j, curves);
   };
 
   stateSel.addEventListener("change", render);
