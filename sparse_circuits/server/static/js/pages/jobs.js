@@ -82,6 +82,7 @@ export async function jobsView(root) {
     clear(tbody, list.length ? list.map(row) : el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No jobs.")));
   };
 
+  let lastCurves = null;
   const renderDetail = async (j, withCurves) => {
     const parts = [
       el("h2", {}, `${j.kind} `, el("span", { class: "mono" }, j.id)),
@@ -113,7 +114,9 @@ export async function jobsView(root) {
       el("pre", { class: "log", "aria-label": "log tail" }, j.log_tail || "(empty)"),
       el("details", {}, el("summary", {}, "config"), el("pre", { class: "log" }, JSON.stringify(j.config, null, 1))),
     ];
-    const curves = el("div", { class: "charts" });
+    // the curve stays on screen between refetches
+    if (!lastCurves || lastCurves.id !== j.id) lastCurves = { id: j.id, node: el("div", { class: "charts" }) };
+    const curves = lastCurves.node;
     clear(detail, parts, curves);
     if (withCurves && ["sparsify", "train-clt", "train-toy", "pretrain"].includes(j.kind)) {
       try {
