@@ -31,9 +31,22 @@ class Pane {
     );
     this.canvas = new GraphCanvas(this.stage, {
       label: `Graph ${side}`,
-      onSelect: (n) => clear(this.card, n ? nodeCard(this, n) : el("p", { class: "muted" }, "Nothing selected.")),
+      onSelect: (n) => {
+        this.show(n);
+        // the same node in the other graph (embeddings, errors, logits share their ids)
+        if (this.other && this.other.model) {
+          const twin = n ? this.other.model.byId.get(n.node_id) : null;
+          this.other.canvas.select(twin ? twin.i : null, { emit: false });
+          this.other.show(twin || null);
+        }
+        if (n) emit("node-selected", { graph: this.graphId, node_id: n.node_id });
+      },
       onLinkSelect: (l) => l && clear(this.card, linkCard(this, l)),
     });
+  }
+
+  show(n) {
+    clear(this.card, n ? nodeCard(this, n) : el("p", { class: "muted" }, "Nothing selected."));
   }
 
   get transcoderId() {
@@ -123,6 +136,8 @@ export async function compareView(root) {
   );
   const a = new Pane(panes, params.a, "A");
   const b = new Pane(panes, params.b, "B");
+  a.other = b;
+  b.other = a;
   const state = { ready: false, a, b };
   window.__viewer = state;
   const load = async (fromUser) => {
