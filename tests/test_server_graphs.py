@@ -410,3 +410,41 @@ def test_a_graph_json_file_the_cli_wrote_is_served_for_its_own_pruning(
     other = {"node_threshold": 0.5, "edge_threshold": 0.98}
     assert_problem(again.client.get(f"/v1/graphs/{gid}/json", params=other), 409, "node_threshold")
     assert_problem(again.client.get(f"/v1/graphs/{gid}/subgraphs"), 409, "graph store")
+
+
+def test_fuzz_the_graph_routes_of_an_existing_graph(made, snapshot):
+    """Schemathesis requests (valid and invalid, 15 each, derandomized) against every route of
+    one existing graph but DELETE: no 5xx, and a 4xx writes nothing."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    api, _, _, graph = made
+    schema = schemathesis.openapi.from_asgi("/openapi.json", api.app)
+    failures, statuses = [], []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if not operation.path.startswith("/v1/graphs/{graph_id}") or operation.method == "delete":
+            continue
+        for mode in schemathesis.GenerationMode:
+
+            @settings(max_examples=15, derandomize=True, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @given(case=operation.as_strategy(mode))
+            def check(case):
+                case.path_parameters = {**(case.path_parameters or {}), "graph_id": graph["id"]}
+                case.headers = {**(case.headers or {}), "X-API-Key": api.secret}
+                before = snapshot(api)
+                response = case.call()
+                statuses.append(response.status_code)
+                if response.status_code >= 500:
+                    failures.append((case.as_curl_command(), response.text[:300]))
+                elif 400 <= response.status_code < 500 and snapshot(api) != before:
+                    failures.append((case.as_curl_command(), response.status_code, "wrote"))
+
+            try:
+                check()
+            except Unsatisfiable:
+                assert mode is schemathesis.GenerationMode.NEGATIVE
+    assert any(s == 200 for s in statuses) and any(400 <= s < 500 for s in statuses)
+    assert not failures, failures[:10]
