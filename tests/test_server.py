@@ -439,17 +439,19 @@ def test_job_event_stream_follows_changes_until_terminal(live_server):
     api = live_server.api
     api.app.state.settings.events_poll_s = 0.05
     job = submit(api).json()
+    following = threading.Event()
 
     def worker():  # what a worker does, from another thread: progress, then success
         import time
 
-        time.sleep(0.3)
+        assert following.wait(30)
         for step in (1, 2):
+            time.sleep(0.3)
             with api.session() as s:
                 j = s.get(Job, job["id"])
                 j.state, j.step, j.total = "running", step, 2
                 s.commit()
-            time.sleep(0.3)
+        time.sleep(0.3)
         with api.session() as s:
             j = s.get(Job, job["id"])
             j.state, j.finished_at = "succeeded", utcnow()
@@ -457,9 +459,12 @@ def test_job_event_stream_follows_changes_until_terminal(live_server):
 
     t = threading.Thread(target=worker)
     t.start()
+    events = []
     with httpx.stream("GET", f"{live_server.url}/v1/jobs/{job['id']}/events", timeout=30) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = _events(r.iter_lines())  # ends by itself after the terminal state
+        for line in r.iter_lines():  # the stream ends by itself after the terminal state
+            events += _events([line])
+            following.set()
     t.join()
     assert events[0]["state"] == "queued"
     assert [e["step"] for e in events if e["state"] == "running"] == [1, 2]
@@ -496,7 +501,7 @@ def test_all_jobs_event_stream(live_server):
 
 def test_fuzz_openapi_no_5xx_and_refusals_write_nothing(api, snapshot, make_tiny_model):
     """Schemathesis draws requests for every operation of the OpenAPI document, valid ones and
-    invalid ones (30 each per operation, derandomized), with a valid key: no answer is a 5xx
+    invalid ones (15 each, 30 per operation, derandomized), with a valid key: no answer is a 5xx
     (its ASGI transport raises the server's exceptions), and any 4xx, and any read, leaves the
     database rows and the data dir's files as they were."""
     import schemathesis
@@ -514,7 +519,7 @@ def test_fuzz_openapi_no_5xx_and_refusals_write_nothing(api, snapshot, make_tiny
             continue  # endless streams: tested on a live server above
         for mode in schemathesis.GenerationMode:
 
-            @settings(max_examples=30, derandomize=True, deadline=None, database=None,
+            @settings(max_examples=15, derandomize=True, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))  # fmt: skip
             @given(case=operation.as_strategy(mode))
             def check(case):
@@ -532,7 +537,7 @@ def test_fuzz_openapi_no_5xx_and_refusals_write_nothing(api, snapshot, make_tiny
                 check()
             except Unsatisfiable:  # no invalid request exists (an operation without inputs)
                 assert mode is schemathesis.GenerationMode.NEGATIVE
-    assert len(statuses) > 500 and any(400 <= s < 500 for s in statuses)
+    assert len(statuses) > 300 and any(400 <= s < 500 for s in statuses)
     assert not failures, failures[:10]
 
 

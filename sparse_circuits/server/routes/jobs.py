@@ -35,7 +35,7 @@ from ...jobs.queue import (
 )
 from ...jobs.specs import JobSpecError, validate_job
 from ...stages import STAGES
-from ..deps import ReadKeyDep, SessionDep, SettingsDep, WriteKeyDep
+from ..deps import ReadKeyDep, SessionDep, SettingsDep, WriteKeyDep, begin_write
 from ..metrics import JOBS_SUBMITTED
 from ..problems import ProblemError, problem_responses
 from .artifacts import ArtifactPublic, artifact_public, read_metrics_log
@@ -131,7 +131,9 @@ def get_job_or_404(session: Session, job_id: str) -> Job:
 def submit(
     body: JobCreate, session: SessionDep, settings: SettingsDep, key: WriteKeyDep
 ) -> JobPublic:
+    session.commit()  # the key is checked: validating (a stage's first import) holds no lock
     config = validate_config(body.kind, body.config, settings.data_dir)
+    begin_write(session)  # the count and the insert: one transaction, SQLite's lock held
     active = session.scalar(
         select(func.count())
         .select_from(Job)
