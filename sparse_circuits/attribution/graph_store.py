@@ -38,7 +38,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -354,22 +354,24 @@ def load_graph(path: str | os.PathLike) -> StoredGraph:
 # ----------------------------------------------------------------------------- views of a pruning
 
 
-def stored_attention(
-    stored: StoredGraph, pruned: PruneResult
-) -> tuple[AttentionAttribution | None, int]:
+class AttentionView(NamedTuple):
+    attention: AttentionAttribution | None  # None: the graph was stored without it
+    missing: int  # cross-position links of the pruning without stored loadings
+
+
+def stored_attention(stored: StoredGraph, pruned: PruneResult) -> AttentionView:
     """The attention attribution of a pruning, as `attention_attribution` computes it (loadings
     of its cross-position links, the summary weighted by their pruned influence), with the QK
     attributions stored with the graph; and how many of its links lack stored loadings."""
     if stored.loadings is None:
-        return None, 0
+        return AttentionView(None, 0)
     edges = cross_links(stored.graph, pruned)
     values, found = stored.loadings.select(edges)
     loadings = HeadLoadings(edges[found], values[found])
     att = stored.store["attention"]
     summary = head_summary(loadings, pruned.pruned_edge_scores[loadings.edges], att["coverage"])
-    return AttentionAttribution(loadings, summary, stored.qk(), att["gate_offset"]), int(
-        (~found).sum()
-    )
+    attention = AttentionAttribution(loadings, summary, stored.qk(), att["gate_offset"])
+    return AttentionView(attention, int((~found).sum()))
 
 
 def graph_json_at(
@@ -377,13 +379,15 @@ def graph_json_at(
     node_threshold: float,
     edge_threshold: float,
     pruned: PruneResult | None = None,
+    view: AttentionView | None = None,
 ) -> dict:
     """The graph JSON v1 of the pruning at these thresholds, as `run_attribute` writes it (all
-    but metadata.info.create_time_ms)."""
+    but metadata.info.create_time_ms). `pruned`, `view`: that pruning and its
+    `stored_attention`, when the caller has them already."""
     graph = stored.graph
     pruned = pruned if pruned is not None else prune(graph, node_threshold, edge_threshold)
     scores = {"full": stored.scores_full, "pruned": graph_scores(graph, pruned.edge_mask)}
-    attention, missing = stored_attention(stored, pruned)
+    attention, missing = view if view is not None else stored_attention(stored, pruned)
     doc = graph_json(
         graph, pruned, scores=scores, attention=attention, slug=stored.store["slug"],
         scan=stored.store["scan"], node_threshold=node_threshold, edge_threshold=edge_threshold,
@@ -442,11 +446,14 @@ def link_loadings(stored: StoredGraph, source_id: str, target_id: str) -> dict:
 
 
 def head_report(
-    stored: StoredGraph, layer: int, head: int, pruned: PruneResult, top: int = 20
+    stored: StoredGraph, layer: int, head: int, view: AttentionView | PruneResult, top: int = 20
 ) -> dict:
     """One head's share of the pruning's attention-mediated attribution (its rank among heads),
-    and the pruning's cross-position links with the largest |loading| on it."""
-    attention, missing = stored_attention(stored, pruned)
+    and the pruning's cross-position links with the largest |loading| on it. `view`: the
+    pruning's `stored_attention`, or the pruning."""
+    if isinstance(view, PruneResult):
+        view = stored_attention(stored, view)
+    attention, missing = view
     if attention is None:
         raise ValueError("this graph was stored without attention attribution")
     shares = attention.summary.shares

@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from fastapi import Request
 
-from ..attribution.graph_store import StoredGraph, load_graph
+from ..attribution.graph_store import AttentionView, StoredGraph, load_graph
 from ..io import read_json
 from .settings import ServerSettings
 
@@ -32,6 +32,7 @@ V = TypeVar("V")
 
 STORES_KEPT = 2  # loaded graph stores (a 10M-edge graph holds ~120 MB of edges)
 MODELS_KEPT = 2  # loaded (model, CLT) pairs for QK attributions
+VIEWS_KEPT = 16  # prunings' attention attributions (loadings of their links: small)
 GZIP_LEVEL = 5
 DOCS_MAX_BYTES = 1 << 30  # cached graph JSON in all (gzip copies add less), whatever the count
 
@@ -130,6 +131,8 @@ class GraphServices:
             settings.graph_cache_size, DOCS_MAX_BYTES, lambda d: len(d.raw)
         )
         self.stores: LRU[str, StoredGraph] = LRU(STORES_KEPT)
+        # a pruning's attention attribution (loadings of its links, head shares), for /heads
+        self.views: LRU[tuple[str, float, float], AttentionView] = LRU(VIEWS_KEPT)
         self.models: LRU[tuple[str, str, str], LoadedPair] = LRU(MODELS_KEPT)
         self.tokenizers: LRU[str, Any] = LRU(16)
         self.locks = KeyedLocks()
@@ -151,6 +154,7 @@ class GraphServices:
     def forget(self, graph_id: str, *, store: bool = True) -> None:
         """Drop the cached documents of `graph_id` (and its loaded store)."""
         self.docs.drop(lambda key: key[0] == graph_id)
+        self.views.drop(lambda key: key[0] == graph_id)
         if store:
             self.stores.drop(lambda key: key == graph_id)
 

@@ -601,7 +601,9 @@ def _build(
                      f"{settings.max_graph_nodes}", "type": "value_error"}],
             n_nodes=n_nodes, max_graph_nodes=settings.max_graph_nodes,
         )  # fmt: skip
-    doc = gs.graph_json_at(stored, nt, et, pruned)
+    view = gs.stored_attention(stored, pruned)
+    services.views.put(key, view)  # for /heads of this pruning
+    doc = gs.graph_json_at(stored, nt, et, pruned, view)
     raw = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
     found = CachedDoc(raw, directory, len(doc["nodes"]), len(doc["links"]))
     services.docs.put(key, found)
@@ -732,10 +734,16 @@ def head_share(
         raise ProblemError(404, f"head: no head {head}; a layer has {H} (0..{(H or 0) - 1})")
     nt = stored.meta["node_threshold"] if node_threshold is None else node_threshold
     et = stored.meta["edge_threshold"] if edge_threshold is None else edge_threshold
-    from ...attribution.prune import prune  # noqa: PLC0415
+    services = graph_services(request)
+    key = _cache_key(graph_id, nt, et)
+    view = services.views.get(key)  # the JSON of this pruning left it, or an earlier /heads
+    if view is None:
+        from ...attribution.prune import prune  # noqa: PLC0415
 
+        view = gs.stored_attention(stored, prune(stored.graph, nt, et))
+        services.views.put(key, view)
     try:
-        report = gs.head_report(stored, layer, head, prune(stored.graph, nt, et), top)
+        report = gs.head_report(stored, layer, head, view, top)
     except ValueError as e:
         raise ProblemError(409, str(e)) from None
     return HeadPublic(**report, node_threshold=nt, edge_threshold=et)
