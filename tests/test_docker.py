@@ -30,14 +30,16 @@ def compose() -> dict:
 
 
 def _argv(command: list[str] | str) -> list[str]:
-    """The argv a service runs: `sh -c "exec ..."` unwrapped, compose's `$$` unescaped, and
-    variables replaced by a placeholder value (their values come from the environment)."""
+    """The argv a service runs: `sh -c "exec ..."` unwrapped, compose's variables at their
+    defaults, the container's own (`$$VAR`) replaced by a placeholder."""
     argv = shlex.split(command) if isinstance(command, str) else list(command)
     if argv[:2] == ["sh", "-c"]:
         argv = shlex.split(argv[2])
     if argv and argv[0] == "exec":
         argv = argv[1:]
-    return [re.sub(r"\$\$?\{?(\w+)(:-[^}]*)?\}?", "value", a) for a in argv]
+    # ${VAR:-default}: what compose puts there with VAR unset; $$VAR: the container's shell's
+    argv = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in argv]
+    return [re.sub(r"\$\$?\{?\w+\}?", "value", a) for a in argv]
 
 
 def _check_ours(argv: list[str]) -> None:
