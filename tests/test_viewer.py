@@ -36,7 +36,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 PROMPT = "<bos>12+34="
 SHOTS = os.environ.get("SC_VIEWER_SCREENSHOTS")
-WAIT_MS = 20_000
+WAIT_MS = 30_000  # generous: CI machines and this one are shared
 
 
 # ----------------------------------------------------------------------------- data dir
@@ -348,7 +348,8 @@ def test_qk_on_demand_and_a_saved_subgraph_with_a_supernode(page, server, graphs
     click_link(page, link["source"], link["target"])
     layer, head = link["head_loadings"][0][:2]
     page.locator(f'.compute-qk[data-layer="{layer}"][data-head="{head}"]').click()
-    page.locator(f'.qk[data-layer="{layer}"][data-head="{head}"]').wait_for()
+    # the first QK loads the graph's model and transcoder on the server
+    page.locator(f'.qk[data-layer="{layer}"][data-head="{head}"]').wait_for(timeout=3 * WAIT_MS)
     assert page.locator(".qk .qk-terms tbody tr").count() >= 1
     # pin two nodes, group them, save; a fresh page loads them back
     ids = [n["node_id"] for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"][:2]
