@@ -25,6 +25,8 @@ import httpx
 from pydantic import BaseModel
 
 from .server.routes.artifacts import ArtifactPublic, ArtifactsPublic
+from .server.routes.features import FeaturePublic
+from .server.routes.graphs import GraphPublic, GraphQueued, GraphsPublic
 from .server.routes.jobs import JobPublic, JobsPublic
 
 log = logging.getLogger(__name__)
@@ -264,34 +266,32 @@ class Client:
         prompt_ids: list[int] | None = None,
         wait: bool = True,
         progress: bool = True,
+        timeout: float | None = None,
         **options: Any,
-    ):
+    ) -> GraphPublic | GraphQueued:
         """Compute an attribution graph (options: targets, max_feature_nodes, max_n_logits,
-        desired_logit_prob, qk_edges, slug). The server answers at once when it fits its time
-        budget, else queues a job: with `wait` this follows that job, then returns the graph;
-        without, it returns the server's answer (the graph, or {job, graph_id})."""
+        desired_logit_prob, qk_edges, qk_at, node_threshold, edge_threshold, slug). The server
+        answers at once when it fits its time budget, else queues a job: with `wait` this
+        follows that job, then returns the graph; without, the GraphQueued answer."""
         body = {"model": _id(model), "transcoder": _id(transcoder), **options}
         if prompt is not None:
             body["prompt"] = prompt
         if prompt_ids is not None:
             body["prompt_ids"] = prompt_ids
         response = self.request("POST", "/v1/graphs", json=body)
-        doc = response.json()
-        if response.status_code == 202:
-            if not wait:
-                return doc
-            self.wait(doc["job"]["id"], progress=progress)
-            return self.graph(doc["graph_id"])
-        return _as_model("graphs", "GraphPublic", doc)
+        if response.status_code != 202:
+            return GraphPublic.model_validate(response.json())
+        queued = GraphQueued.model_validate(response.json())
+        if not wait:
+            return queued
+        self.wait(queued.job, progress=progress, timeout=timeout)
+        return self.graph(queued.graph_id)
 
-    def graph(self, graph: Any):
-        return _as_model(
-            "graphs", "GraphPublic", self.request("GET", f"/v1/graphs/{_id(graph)}").json()
-        )
+    def graph(self, graph: Any) -> GraphPublic:
+        return self._get(f"/v1/graphs/{_id(graph)}", GraphPublic)
 
-    def graphs(self, **params: Any):
-        doc = self.request("GET", "/v1/graphs", params=params).json()
-        return _as_model("graphs", "GraphsPublic", doc)
+    def graphs(self, *, limit: int = 100, offset: int = 0, **filters: Any) -> GraphsPublic:
+        return self._get("/v1/graphs", GraphsPublic, limit=limit, offset=offset, **filters)
 
     def graph_json(
         self,
@@ -308,10 +308,10 @@ class Client:
     def delete_graph(self, graph: Any) -> None:
         self.request("DELETE", f"/v1/graphs/{_id(graph)}")
 
-    def feature(self, transcoder: Any, layer: int, index: int):
-        """One feature's statistics (top contexts, frequency, histogram, logits)."""
-        doc = self.request("GET", f"/v1/features/{_id(transcoder)}/{layer}/{index}").json()
-        return _as_model("features", "FeaturePublic", doc)
+    def feature(self, transcoder: Any, layer: int, index: int) -> FeaturePublic:
+        """One feature's statistics (top contexts, frequency, histogram, logits); a 409
+        ProblemError names the feature-stats job to run when they are not computed yet."""
+        return self._get(f"/v1/features/{_id(transcoder)}/{layer}/{index}", FeaturePublic)
 
     # ------------------------------------------------------------------------- health
 
@@ -326,18 +326,6 @@ def _plural(kind: str) -> str:
         return ARTIFACT_KINDS[kind]
     except KeyError:
         raise ValueError(f"kind must be one of {', '.join(ARTIFACT_KINDS)}, not {kind!r}") from None
-
-
-def _as_model(module: str, name: str, doc: Any):
-    """`doc` as the server's model `name` from server/routes/`module`.py (the dict itself when
-    that server module does not define it)."""
-    import importlib  # noqa: PLC0415
-
-    try:
-        model = getattr(importlib.import_module(f"sparse_circuits.server.routes.{module}"), name)
-    except (ImportError, AttributeError):
-        return doc
-    return model.model_validate(doc)
 
 
 def _problem(response: httpx.Response) -> ProblemError:

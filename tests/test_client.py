@@ -62,3 +62,41 @@ def test_client_raises_problems_and_failed_jobs(live_server):
         assert sc.retry(job).state == "queued"
         with pytest.raises(TimeoutError):
             sc.wait(job, progress=False, timeout=0.5)  # no worker here: it stays queued
+
+
+def test_client_graphs_inline_and_queued_and_features(live_server, worker_process, graph_artifacts):
+    """Graphs through the client: made inline (201), made by a job past the inline budget (202,
+    followed to the end), fetched pruned on the server, listed, deleted; a feature without
+    statistics is a 409 problem naming the feature-stats job."""
+    import shutil
+
+    api = live_server.api
+    for sub in ("models", "clts"):
+        shutil.copytree(graph_artifacts.root / sub, api.data_dir / sub)
+    with Client(live_server.url, api_key=api.secret) as sc:
+        model = sc.register("model", "models/addition-tiny")
+        clt = sc.register("transcoder", "clts/addition-tiny")
+        assert clt.kind == "transcoder" and sc.transcoders()[0].id == clt.id
+        inline = sc.create_graph(model=model, transcoder=clt, prompt="36+47=", max_feature_nodes=16)
+        assert inline.state == "complete" and inline.job_id is None and inline.n_nodes
+        full = sc.graph_json(inline, node_threshold=1.0, edge_threshold=1.0)
+        pruned = sc.graph_json(inline, node_threshold=0.5, edge_threshold=0.8)
+        assert 0 < len(pruned["nodes"]) <= len(full["nodes"])
+        assert len(pruned["links"]) <= len(full["links"])
+        api.app.state.settings.inline_graph_budget_s = 0.0  # from now on every graph is a job
+        queued = sc.create_graph(model=model, transcoder=clt, prompt="12+34=", wait=False,
+                                 max_feature_nodes=16)  # fmt: skip
+        assert queued.job.kind == "attribute" and queued.graph.state == "pending"
+        made = sc.create_graph(model=model, transcoder=clt, prompt_ids=[0, 3, 4, 11, 5, 6, 12],
+                               max_feature_nodes=16, progress=False, timeout=300)  # fmt: skip
+        assert made.state == "complete" and made.job_id is not None
+        assert sc.wait(queued.job, progress=False, timeout=300).state == "succeeded"
+        assert sc.graph(queued.graph_id).state == "complete"
+        assert sc.graphs().count == 3
+        sc.delete_graph(inline)
+        with pytest.raises(ProblemError) as e:
+            sc.graph(inline)
+        assert e.value.status == 404
+        with pytest.raises(ProblemError) as e:
+            sc.feature(clt, 0, 1)
+        assert e.value.status == 409 and e.value.problem["job"]["kind"] == "feature-stats"
