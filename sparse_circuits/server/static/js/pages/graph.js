@@ -204,8 +204,11 @@ export class GraphPage {
       }
       emit("ready", { graph: this.graphId, ...this.state() });
     } else {
-      const sel = this.canvas.selected;
-      if (sel === null && this.selectedId) this._selected(null, false);
+      // the card was built on the previous pruning's objects: rebuild it on this one's
+      const link = this.selectedLink ? this.model.link(...this.selectedLink) : null;
+      if (this.selectedId) this._selected(this.model.byId.get(this.selectedId) || null, false);
+      else if (link) this.selectLink(link.i, false);
+      else if (this.selectedLink) this._selected(null, false);
       if (fromUser) emit("thresholds-changed", { graph: this.graphId, node_threshold: node, edge_threshold: edge });
     }
     this._renderSubgraph();
@@ -215,6 +218,7 @@ export class GraphPage {
   selectHead(layer, head) {
     this.canvas.select(null, { emit: false });
     this.selectedId = null;
+    this.selectedLink = null;
     clear(this.card, headCard(this, layer, head));
     announce(`Head L${layer}.H${head}`);
     emit("head-selected", { graph: this.graphId, layer, head });
@@ -247,6 +251,7 @@ export class GraphPage {
 
   _selected(node, fromUser) {
     this.selectedId = node ? node.node_id : null;
+    this.selectedLink = null;
     setUrlState({ selected: this.selectedId, link: null });
     if (!node) {
       clear(this.card, el("p", { class: "muted hint" }, "Nothing selected."));
@@ -264,6 +269,7 @@ export class GraphPage {
   _linkSelected(link, fromUser) {
     if (!link) return this._selected(null, fromUser);
     this.selectedId = null;
+    this.selectedLink = [link.source, link.target];
     setUrlState({ selected: null, link: `${link.source}~${link.target}` });
     clear(this.card, linkCard(this, link));
     announce(`Selected link ${link.source} to ${link.target}, weight ${link.weight}`);
