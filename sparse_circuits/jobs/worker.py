@@ -78,6 +78,20 @@ class WorkerConfig(BaseModel):
     ray_address: str | None = Field(
         None, description="Ray head's job submission address (for --backend ray)."
     )
+    ray_num_cpus: float = Field(1.0, gt=0, description="CPUs each Ray job asks for.")
+    ray_num_gpus: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs a Ray job asks for when its config's device is cuda (at least one; "
+        "train-clt with two or more runs under torchrun, one process per GPU).",
+    )
+    ray_memory_gb: float | None = Field(None, gt=0, description="Memory each Ray job asks for.")
+    ray_nproc: int | None = Field(
+        None, gt=0, description="torchrun processes of a train-clt Ray job (default: one per GPU)."
+    )
+    ray_data_dir: str | None = Field(
+        None, description="The data dir's path on the Ray nodes (default: the same as here)."
+    )
     metrics_port: int | None = Field(
         None, ge=0, description="Serve Prometheus metrics of this worker on this port."
     )
