@@ -268,6 +268,20 @@ def test_graph_page_draws_every_node_and_link_of_the_pruned_json(page, server, g
     drawn = page.evaluate("() => window.__viewer.drawn")
     assert drawn == {"nodes": len(doc["nodes"]), "links": len(doc["links"])}
     assert page.locator("canvas").get_attribute("data-nodes") == str(len(doc["nodes"]))
+    # hovering a node highlights it with its inputs and outputs and names it
+    node = next(n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder")
+    p = page.evaluate("(id) => window.__viewer.nodePoint(id)", node["node_id"])
+    page.mouse.move(p["x"], p["y"])
+    page.locator(".graph-canvas .tip:not([hidden])").wait_for()
+    hovered = page.evaluate(
+        "() => { const c = window.__viewer.page.canvas; return c.model.nodes[c.hover].node_id; }"
+    )
+    assert hovered == node["node_id"]
+    # the theme follows the system setting
+    light = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    page.emulate_media(color_scheme="dark")
+    dark = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    assert light == "rgb(255, 255, 255)" and dark != light
 
 
 def test_a_lower_node_threshold_draws_fewer_nodes_and_goes_in_the_url(page, server, graphs):
