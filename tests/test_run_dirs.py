@@ -221,3 +221,9 @@ def test_two_processes_cannot_write_one_store(toy_pipeline, tmp_path, capsys):
         proc.wait()
     assert main([*args, "--tokens", "64"]) == 0
     assert store_complete(str(store))
+
+
+def test_a_store_too_small_for_one_batch_is_one_line(toy_pipeline, tmp_path, capsys):
+    args = ["train-clt", "--activations", str(toy_pipeline.acts), "--out", str(tmp_path / "c")]
+    assert main([*args, "--batch-size", "65536", "--steps", "2", "--device", "cpu"]) == 2
+    assert "not one batch of 65536" in one_line_error(capsys)

@@ -41,6 +41,7 @@ from pydantic import ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Device, resolve_device
+from ..errors import StageError
 from ..io import (
     append_jsonl,
     claim_run_dir,
@@ -180,7 +181,7 @@ class TrainCLTConfig(StoreAccess):
     @model_validator(mode="after")
     def _check(self) -> TrainCLTConfig:
         if self.activation in ("topk", "batchtopk") and self.k is None:
-            raise ValueError(f"activation {self.activation!r} needs --k")
+            raise StageError(f"activation {self.activation!r} needs --k")
         if self.sparsity_coefficient is None:
             topk = self.activation in ("topk", "batchtopk")
             self.sparsity_coefficient = 0.0 if topk else 1e-3
@@ -261,7 +262,7 @@ def train_clt(config: TrainCLTConfig) -> Path:
     """Train on the store at `config.activations`; return the CLT dir."""
     rank, world, local_rank = dist_env()
     if config.batch_size % world:
-        raise ValueError(f"batch_size={config.batch_size} is not a multiple of the {world} ranks")
+        raise StageError(f"batch_size={config.batch_size} is not a multiple of the {world} ranks")
     device = resolve_device(config.device, local_rank)
     local_batch = config.batch_size // world
     loader_kwargs = dict(
@@ -271,6 +272,10 @@ def train_clt(config: TrainCLTConfig) -> Path:
     n_calibration = config.calibration_batches() if config.converts else 0
     with distributed(device):
         probe = ActivationLoader(config.activations, local_batch, **loader_kwargs)
+        if len(probe) == 0:  # not one batch: a fixed step count would wait for rows forever
+            raise StageError(
+                f"{config.activations} holds {probe.n_rows} rows: not one batch of {config.batch_size}"
+            )
         if config.steps:  # a fixed step count may need more than one pass
             steps, loader_kwargs["epochs"] = config.steps, None
         else:  # one pass; ranks may hold different row counts, so the fewest batches rule
@@ -282,7 +287,7 @@ def train_clt(config: TrainCLTConfig) -> Path:
                 n_calibration = min(n_calibration, max(1, steps // 10))
                 steps -= n_calibration
         if steps < 1:
-            raise ValueError(
+            raise StageError(
                 f"{config.activations} holds {probe.n_rows} rows: not one batch of {config.batch_size}"
             )
 
@@ -330,7 +335,7 @@ def _train(
     out = Path(config.out)
     with distributed(device) as (rank, world):
         if config.batch_size % world:
-            raise ValueError(
+            raise StageError(
                 f"batch_size={config.batch_size} is not a multiple of the {world} ranks"
             )
         identity = config.model_dump(mode="json", exclude=OPERATIONAL_FIELDS)
@@ -449,7 +454,7 @@ class _Trainer:
         if not resumed:
             first = next(it, None)
             if first is None:
-                raise ValueError("the activation source yielded no batch")
+                raise StageError("the activation source yielded no batch")
             first = tuple(t.to(self.device) for t in first)
             self._init_from_first_batch(*first)
             it = itertools.chain([first], it)
@@ -570,7 +575,7 @@ class _Trainer:
         window = {k: v.clone() for k, v in self.window.items()}
         tokens = float(self.window_tokens)
         if tokens == 0:
-            raise ValueError("no step was scored for metrics.json (did the run train at all?)")
+            raise StageError("no step was scored for metrics.json (did the run train at all?)")
         fvu_per_layer = (window["err"] / window["var"]).tolist()
         l0_per_layer = (window["l0"] / tokens).tolist()
         dead = self.tokens_since_fired >= self.config.dead_feature_tokens
