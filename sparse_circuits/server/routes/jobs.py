@@ -336,7 +336,9 @@ async def _stream_all(request, sessions, poll, max_seconds) -> AsyncIterator[byt
     can land behind the newest stamp seen, so each read looks back `_LOOKBACK` and `seen`
     drops what was sent already."""
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    watermark, seen, last_sent = utcnow(), {}, time.monotonic()
+    watermark, last_sent = utcnow(), time.monotonic()
+    recent = await run_in_threadpool(_changed_since, sessions, watermark - _LOOKBACK)
+    seen = {job.id: job.updated_at for job in recent}  # as they were before: not news
     yield b": jobs\n\n"
     while deadline is None or time.monotonic() < deadline:
         await asyncio.sleep(poll)
