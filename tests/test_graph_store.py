@@ -111,7 +111,7 @@ def test_stored_json_of_other_prunings_equals_a_fresh_attribution(made, direct):
     ):
         assert torch.equal(getattr(stored.graph, name), getattr(g, name)), name
     full = graph_scores(g)
-    for nt, et in ((0.5, 0.9), (0.9, 0.99), (0.7, 1.0)):
+    for nt, et in ((0.5, 0.9), (0.8, 0.99), (0.7, 1.0)):
         pruned = prune(g, nt, et)
         att = attention_attribution(model=model, clt=clt, graph=g, pruned=pruned, batch_size=16)
         want = graph_json(
@@ -131,9 +131,9 @@ def test_loadings_cover_prunings_up_to_the_store_threshold(made):
     _, root = made
     stored = load_graph(root / "g")
     t_env = stored.loadings.node_threshold
-    assert t_env == 0.9
+    assert t_env == 0.8  # the default
     pos = stored.graph.node_positions()
-    for nt in (0.1, 0.5, 0.8, 0.9):
+    for nt in (0.1, 0.5, 0.7, 0.8):
         for et in (0.5, 0.98, 1.0):
             doc = graph_json_at(stored, nt, et)
             assert "links_without_loadings" not in doc["attention"]["summary"]

@@ -281,7 +281,9 @@ def test_a_graph_over_the_budget_is_made_by_a_worker_job(api_factory, graph_arti
 
     api = api_factory(inline_graph_budget_s=0)
     model_id, clt_id = registered(api, graph_artifacts)
-    r = create(api, model_id, clt_id, slug="queued", max_feature_nodes=None)
+    r = create(
+        api, model_id, clt_id, slug="queued", max_feature_nodes=None, loadings_node_threshold=1.0
+    )
     assert r.status_code == 202, r.text
     body = r.json()
     gid, job = body["graph_id"], body["job"]
@@ -313,6 +315,7 @@ def test_a_graph_over_the_budget_is_made_by_a_worker_job(api_factory, graph_arti
     assert done["state"] == "succeeded", done["error"]
     graph = api.client.get(f"/v1/graphs/{gid}").json()
     assert graph["state"] == "complete" and graph["job_id"] == job["id"] and graph["n_nodes"] > 0
+    assert graph["loadings_node_threshold"] == 1.0
     assert (graph["model_id"], graph["transcoder_id"]) == (model_id, clt_id)
     with api.session() as session:  # one row for the graph: the worker's registration found it
         assert session.query(Artifact).filter(Artifact.kind == "graph").count() == 1

@@ -107,6 +107,11 @@ class GraphCreate(BaseModel):
         description='More QK attributions: "layer,head,query,key".',
     )
     node_threshold: float = Field(0.8, ge=0, le=1, description="The graph's default pruning.")
+    loadings_node_threshold: float | None = Field(
+        None, ge=0, le=1,
+        description="Head loadings are kept for the links of every pruning up to this node "
+        "threshold (default 0.8; higher costs more: see attribution/graph_store.py).",
+    )  # fmt: skip
     edge_threshold: float = Field(0.98, ge=0, le=1, description="The graph's default pruning.")
     slug: str | None = Field(
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -452,6 +457,8 @@ def create(
         "qk_at": body.qk_at, "node_threshold": body.node_threshold,
         "edge_threshold": body.edge_threshold, "slug": body.slug or graph_id, "scan": model_row.name,
     }  # fmt: skip
+    if body.loadings_node_threshold is not None:
+        config["loadings_node_threshold"] = body.loadings_node_threshold
     config = validate_config("attribute", config, settings.data_dir)  # None: all features
     clt = clt_facts(clt_dir)
     estimate = estimate_seconds(
