@@ -343,3 +343,33 @@ def test_train_clt_under_torchrun_inside_a_ray_job(ray_head, tmp_path, make_tiny
     one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, ddp))
     assert (two["steps"], two["tokens"]) == (one["steps"], one["tokens"]) == (30, 30 * 64)
     assert two["fvu"] == pytest.approx(one["fvu"], rel=0.05)
+
+
+def test_a_dead_workers_ray_job_is_stopped_before_the_next_attempt(service, ray_head):
+    """A worker that dies leaves its Ray job running; the worker that claims the job after the
+    lease expired stops that Ray job (and waits for it) before submitting its own attempt,
+    which resumes from the checkpoint: never two runs of one job at once."""
+    from sparse_circuits.jobs.backend import Launch  # noqa: PLC0415
+    from sparse_circuits.jobs.ray_backend import RayBackend  # noqa: PLC0415
+    from sparse_circuits.jobs.runner import OUTCOME_FILE, prepare_job_dir  # noqa: PLC0415
+    from sparse_circuits.jobs.specs import validate_job  # noqa: PLC0415
+
+    data = service.data_dir
+    config = validate_job("train-clt", CLT_CONFIG | {"out": "clts/orphan"}, data).model_dump(mode="json")  # fmt: skip
+    first, second = RayBackend(ray_head), RayBackend(ray_head)  # two workers' backends
+    prepare_job_dir(data, "orphan", "train-clt", config, 1)
+    ref1 = first.start(Launch("orphan", 1, data, "train-clt", config)).ref
+    progress = data / "jobs" / "orphan" / "progress.json"
+    _wait(lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 40, 120, "attempt 1 to run")  # fmt: skip
+    # the first worker is gone (nothing polls ref1 any more); the second claims attempt 2
+    prepare_job_dir(data, "orphan", "train-clt", config, 2)
+    ref2 = second.start(Launch("orphan", 2, data, "train-clt", config)).ref
+    client = ray_submission.JobSubmissionClient(ray_head)
+    assert str(client.get_job_status(ref1).value) == "STOPPED"  # ended before ref2 was submitted
+    status = _wait(lambda: (s := second.poll(ref2)) is not None and (s,), 180, "attempt 2")[0]
+    assert status == 0
+    outcome = json.loads((data / "jobs" / "orphan" / OUTCOME_FILE).read_text())
+    assert outcome["attempt"] == 2 and outcome["state"] == "succeeded"
+    attempts = [json.loads(x) for x in (data / "jobs" / "orphan" / "attempts.jsonl").read_text().splitlines()]  # fmt: skip
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    assert "resumed" in (data / "jobs" / "orphan" / "log.txt").read_text()
