@@ -313,6 +313,25 @@ def claim_output_file(path: str | os.PathLike, overwrite: bool, is_ours) -> Path
     return path
 
 
+def claim_output_dir(path: str | os.PathLike, overwrite: bool, is_ours) -> Path:
+    """Check that a stage may write the directory `path` whole (built beside it, swapped in).
+
+    Refused: a file, and a non-empty directory that `is_ours(path)` does not recognise as this
+    stage's output (a model dir, say, which the swap would delete). One of ours is replaced only
+    with `overwrite`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"output {path} is a file; name a directory to write")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_ours(path):
+            raise RunDirError(
+                f"output directory {path} holds files this stage did not write; choose another path"
+            )
+        if not overwrite:
+            raise RunDirError(f"output {path} exists; pass --overwrite to replace it")
+    return path
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -64,6 +64,24 @@ def test_attribute_replaces_a_graph_only_when_asked(toy_pipeline, tmp_path, caps
     assert json.loads(graph.read_text())["metadata"]["prompt"] == "12+34="
 
 
+def test_attribute_store_dir_never_replaces_a_folder_it_did_not_write(
+    toy_pipeline, tmp_path, capsys
+):
+    model = shutil.copytree(toy_pipeline.sparse, tmp_path / "model")
+    listing = sorted(str(p) for p in model.rglob("*"))
+    args = [a for a in attribute_args(toy_pipeline, tmp_path / "unused") if a != "--out"]
+    args = [a for a in args if a != str(tmp_path / "unused")]
+    assert main([*args, "--store-dir", str(model)]) == 2
+    assert "holds files this stage did not write" in one_line_error(capsys)
+    assert sorted(str(p) for p in model.rglob("*")) == listing
+    store = tmp_path / "store"
+    assert main([*args, "--store-dir", str(store)]) == 0
+    assert main([*args, "--store-dir", str(store)]) == 0  # the same run again (a job's retry)
+    capsys.readouterr()
+    assert main([*args, "--store-dir", str(store), "--max-n-logits", "3"]) == 2
+    assert "--overwrite" in one_line_error(capsys)
+
+
 def test_quickstart_refuses_a_data_dir_that_is_not_its_own(toy_pipeline, tmp_path, capsys):
     model = shutil.copytree(toy_pipeline.dense, tmp_path / "model")
     listing = sorted(str(p) for p in model.rglob("*"))

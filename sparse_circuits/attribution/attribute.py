@@ -30,7 +30,7 @@ from ..clt.model import CrossLayerTranscoder
 from ..clt.splice import warn_if_other_model
 from ..config import DEVICE_HELP, ConfigError, Device, resolve_device
 from ..errors import StageError
-from ..io import claim_output_file, read_json
+from ..io import claim_output_dir, claim_output_file, read_json
 from ..progress import progress_bar
 from ..sparse_attention.model import Transformer
 from ..sparse_attention.modeldir import load_model
@@ -38,7 +38,13 @@ from .attention import attention_attribution
 from .frozen import PrefixGraphs
 from .graph import Graph, logit_weights
 from .graph_json import write_graph_json
-from .graph_store import LOADINGS_NODE_THRESHOLD, for_pruning, loading_envelope, save_graph
+from .graph_store import (
+    LOADINGS_NODE_THRESHOLD,
+    for_pruning,
+    is_graph_store,
+    loading_envelope,
+    save_graph,
+)
 from .inputs import TargetSpec, decode_tokens, describe_tokens, resolve_targets, tokenize_prompt
 from .prune import graph_scores, propagate, prune
 from .replacement import EmbeddingConvention, ReplacementModel
@@ -315,7 +321,9 @@ class AttributeConfig(BaseModel):
         True,
         description="Put the model's BOS token before a text prompt (unless it starts with it), as in training.",
     )
-    overwrite: bool = Field(False, description="Replace a graph JSON already at --out.")
+    overwrite: bool = Field(
+        False, description="Replace a graph JSON already at --out (a graph store at --store-dir)."
+    )
     attention: bool = Field(
         True, description="Head loadings of cross-position edges, head summary and QK attribution."
     )
@@ -376,10 +384,21 @@ def is_graph_json(path: Path) -> bool:
     return isinstance(doc, dict) and {"metadata", "nodes", "links"} <= doc.keys()
 
 
+def _same_run(store: Path, config: dict) -> bool:
+    """Whether the graph store at `store` was written by this very config."""
+    try:
+        return is_graph_store(store) and read_json(store / "run.json").get("config") == config
+    except ValueError:
+        return False
+
+
 def run_attribute(config: AttributeConfig) -> Path:
     """Load the model and CLT, compute, prune, attribute attention, write the graph JSON."""
     if config.out is not None:
         claim_output_file(config.out, config.overwrite, is_graph_json)  # before any work
+    if config.store_dir is not None:  # the same job run again (a retry) may write it again
+        again = _same_run(Path(config.store_dir), config.model_dump(mode="json"))
+        claim_output_dir(config.store_dir, config.overwrite or again, is_graph_store)
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     model, tokenizer = load_model(config.model, device=device)
     clt = load_clt(config.clt, device=device)
