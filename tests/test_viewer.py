@@ -439,6 +439,11 @@ def test_embedded_on_another_origin_posts_events_and_takes_commands(page, server
     assert viewer.evaluate("() => window.__viewer.drawn.nodes") == len(
         pruned(server, gid, 0.5)["nodes"]
     )
+    # the host hands over its key; the frame (whose storage is partitioned) can then write
+    page.evaluate("(k) => window.send({type: 'api-key', key: k})", server["key"])
+    viewer.fill("#subgraph-name", "from-the-host")
+    viewer.click("#save-subgraph")
+    viewer.locator(".sg-msg", has_text="Saved").wait_for()
     other = next(n["node_id"] for n in doc["nodes"] if n["feature_type"] == "embedding")
     page.evaluate("(id) => window.send({type: 'node-selected', node_id: id})", other)
     viewer.wait_for_function("(id) => window.__viewer.state().selected === id", arg=other)

@@ -11,20 +11,23 @@ export class ApiError extends Error {
   }
 }
 
+let memoryKey = ""; // where storage is refused (a third-party frame), the key lives in the page
+
 export function apiKey() {
   try {
-    return localStorage.getItem(KEY_STORE) || "";
+    return localStorage.getItem(KEY_STORE) || memoryKey;
   } catch {
-    return "";
+    return memoryKey;
   }
 }
 
 export function setApiKey(value) {
+  memoryKey = value || "";
   try {
     if (value) localStorage.setItem(KEY_STORE, value);
     else localStorage.removeItem(KEY_STORE);
   } catch {
-    /* storage refused (sandboxed frame): the key lives for this page only */
+    /* storage refused: memoryKey serves this page */
   }
 }
 

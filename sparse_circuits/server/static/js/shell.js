@@ -108,6 +108,9 @@ window.addEventListener("message", (event) => {
 // ---------------------------------------------------------------- chrome
 
 export function wireChrome() {
+  // An embedding page may hand over its key for the writes a view makes (QK, subgraphs, jobs):
+  // a frame's storage is partitioned from the viewer's own pages, so it has none otherwise.
+  onCommand("api-key", (d) => setApiKey(typeof d.key === "string" ? d.key.trim() : ""));
   const input = document.getElementById("api-key");
   if (!input) return;
   input.value = apiKey();
