@@ -256,6 +256,7 @@ def test_train_clt_over_http_on_ray_killed_mid_run_equals_the_cli(service, ray_h
     # the same config through the CLI, uninterrupted
     cfg = tmp_path / "cli.json"
     cfg.write_text(json.dumps(CLT_CONFIG | {"activations": str(service.data_dir / "activations/a.zarr"), "out": str(tmp_path / "cli-clt")}))  # fmt: skip
+    # a process of its own with the Ray job's thread count (OMP_NUM_THREADS=1): same float sums
     cli = subprocess.run([sys.executable, "-m", "sparse_circuits.cli", "train-clt", "--config", str(cfg)],
                          capture_output=True, text=True, env=_env())  # fmt: skip
     assert cli.returncode == 0, cli.stderr[-3000:]
@@ -309,7 +310,7 @@ def test_resources_and_entrypoints(ray_head, tmp_path):
     )
 
 
-def test_train_clt_under_torchrun_inside_a_ray_job(ray_head, tmp_path, make_tiny_model, token_file):
+def test_train_clt_under_torchrun_inside_a_ray_job(service, ray_head, tmp_path):
     """Two gloo ranks under `torchrun` inside one Ray job (how several GPUs train one CLT); rank 0
     alone reports progress and the outcome."""
     from sparse_circuits.clt.train import TrainCLTConfig, train_clt  # noqa: PLC0415
@@ -318,10 +319,7 @@ def test_train_clt_under_torchrun_inside_a_ray_job(ray_head, tmp_path, make_tiny
     from sparse_circuits.jobs.runner import OUTCOME_FILE, prepare_job_dir  # noqa: PLC0415
     from sparse_circuits.jobs.specs import validate_job  # noqa: PLC0415
 
-    data = tmp_path / "data"
-    model = save_model(make_tiny_model(), data / "models" / "tiny")
-    harvest(HarvestConfig(model=model, out=str(data / "activations" / "a.zarr"), tokens_file=token_file,
-                          tokens=512, batch_size=8, shard_rows=256, shuffle_shards=1, device="cpu"))  # fmt: skip
+    data = service.data_dir  # its store; this job goes through the backend alone
     raw = CLT_CONFIG | {"out": "clts/ddp", "steps": 30, "activation": "relu", "eval_steps": 5}
     config = validate_job("train-clt", raw, data).model_dump(mode="json")
     backend = RayBackend(ray_head, nproc=2)
