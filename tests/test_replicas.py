@@ -2,7 +2,7 @@
 all real processes, on a database migrated once beforehand by `sparse-circuits db upgrade`.
 
 Jobs are submitted to both servers; one server and one worker are SIGKILLed while jobs run; more
-jobs are submitted to the survivor. Every job ends succeeded exactly once: one record, one
+jobs are submitted to the survivor. A new worker takes the dead one's place, as a supervisor would start it. Every job ends succeeded exactly once: one record, one
 registered artifact, one runner per attempt and never two at once, the job whose worker died
 resumed by the other worker from its checkpoint — and every model is bit-identical to the others
 (same config, other `out`), so the interrupted one lost nothing.
@@ -151,7 +151,10 @@ def test_two_servers_two_workers_one_postgresql_survive_sigkill(database_url, tm
         killed = _wait(victim, 120, "worker-a to be mid-job")
         r.procs["worker-a"].send_signal(signal.SIGKILL)
         r.procs["server-a"].send_signal(signal.SIGKILL)
-        print(f"SIGKILL worker-a (job {killed.id} at step {killed.step}) and server-a")
+        print(
+            f"SIGKILL worker-a (job {killed.id} at step {killed.step}) and server-a, {time.monotonic() - t0:.0f} s in"
+        )
+        r.worker("worker-c")  # as a supervisor restarts a dead worker (compose: restart)
         ids += [submit("server-b", N_BEFORE + i) for i in range(N_AFTER)]
 
         def all_ended():
@@ -162,7 +165,7 @@ def test_two_servers_two_workers_one_postgresql_survive_sigkill(database_url, tm
         try:
             jobs = _wait(all_ended, 420, "every job to end", 1.0)
         except AssertionError:
-            raise AssertionError(r.log("worker-b")[-5000:]) from None
+            raise AssertionError(r.log("worker-b")[-3000:] + r.log("worker-c")[-3000:]) from None
         metrics = httpx.get(f"{r.bases['worker-b']}/metrics", timeout=10).text
         server_metrics = httpx.get(f"{r.bases['server-b']}/metrics", timeout=10).text
     finally:
@@ -192,12 +195,10 @@ def test_two_servers_two_workers_one_postgresql_survive_sigkill(database_url, tm
         got = load_file(r.data / "models" / f"toy-{i}" / "model.safetensors")
         assert got.keys() == reference.keys()
         assert all(got[k].equal(reference[k]) for k in got), f"toy-{i} differs from toy-0"
-    # worker-b's own metrics count the jobs it ran, the killed one among them
-    by_b = sum(jobs[i]["state"] == "succeeded" for i in ids) - sum(
-        1 for i in ids if i != killed.id and _last_worker(sessions, i) == "worker-a"
-    )
+    # worker-b's own metrics count the jobs whose last attempt it ran
+    by_b = sum(_last_worker(sessions, i) == "worker-b" for i in ids)
     line = 'sparse_circuits_worker_jobs{kind="train-toy",state="succeeded"}'
-    assert f"{line} {float(by_b)}" in metrics, metrics
+    assert by_b == 0 or f"{line} {float(by_b)}" in metrics, metrics
     assert 'sparse_circuits_worker_info{backend="local"' in metrics
     assert "sparse_circuits_http_requests" in server_metrics
     print(f"{len(ids)} jobs, each succeeded once, all models equal; {elapsed:.1f} s")
