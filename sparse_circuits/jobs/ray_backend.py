@@ -8,11 +8,11 @@ record's `backend_ref`) whose entrypoint is the same runner a local child proces
     python -m sparse_circuits.jobs.runner --data-dir D --job-id ID --attempt N
     torchrun --standalone --nproc-per-node G -m sparse_circuits.jobs.runner ...
 
-(the second for train-clt given G >= 2 GPUs), asking Ray for the CPUs, GPUs and memory the job
-needs (`resources`). Progress, the outcome and the log travel through the job dir as they do for
+(the second for train-clt given G >= 2 GPUs, or `nproc` processes), asking Ray for the CPUs,
+GPUs and memory the job needs (`resources`). Progress, the outcome and the log travel through the job dir as they do for
 a local job, so the worker's heartbeats copy step/total, metrics and the log tail into the job
-record unchanged; the Ray nodes need the package and the data dir at the same path (a shared
-volume: docker/compose.yaml), never the database.
+record unchanged; the Ray nodes need the package and the data dir (a shared volume, at the
+worker's path or at `data_dir`: docker/compose.yaml), never the database.
 
 - stop (cancel): `stop_job`, whose SIGTERM the runner turns into the stage stopping at its
   next step, checkpoints kept; Ray waits `stop_grace_s` before it kills.
