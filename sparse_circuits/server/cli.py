@@ -122,10 +122,20 @@ def worker_command(cfg: ServeConfig) -> list[str]:
 
 
 def start_worker(cfg: ServeConfig) -> subprocess.Popen:
-    """One `sparse-circuits worker` process on the same data dir and database."""
-    proc = subprocess.Popen(worker_command(cfg))
+    """One `sparse-circuits worker` process on the same data dir and database. It gets SIGTERM
+    (stop claiming, requeue its jobs) when serve ends however it ends: uvicorn re-raises the
+    SIGTERM it handled after its graceful shutdown, so serve's own cleanup may never run."""
+    proc = subprocess.Popen(worker_command(cfg), preexec_fn=_terminate_with_parent)
     log.info("worker started (pid %d, concurrency %d)", proc.pid, cfg.concurrency)
     return proc
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def stop_worker(proc: subprocess.Popen, timeout: float = 30.0) -> None:
