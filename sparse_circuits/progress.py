@@ -37,8 +37,8 @@ class ProgressSink:
             self._last = now
             desc = getattr(bar, "desc", "") or ""  # a disabled bar (e.g. rank > 0) has none
             self.report(int(bar.n), None if bar.total is None else int(bar.total), desc)
-            if self.cancelled():
-                raise JobCancelled("the job was cancelled")
+        if self.cancelled():  # every step: a flag or a stat, far cheaper than a step
+            raise JobCancelled("the job was cancelled")
 
 
 _sink: ProgressSink | None = None

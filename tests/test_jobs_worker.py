@@ -193,7 +193,9 @@ def test_a_sigkilled_worker_loses_nothing(sessions, migrated_url, data):
 def test_sigterm_requeues_cancel_keeps_a_partial_artifact_retry_resumes(
     sessions, migrated_url, data
 ):
-    job_id = _submit(sessions, data, "train-clt", {**CLT, "out": "clts/clt"})
+    # long enough that neither stop request can arrive after the last step on an idle machine
+    steps = 2000
+    job_id = _submit(sessions, data, "train-clt", {**CLT, "steps": steps, "out": "clts/clt"})
     worker = _worker(data, migrated_url, "a")
     try:
         _wait_for("the job to train a while", lambda: _progress(data, job_id) >= 20)
@@ -204,18 +206,20 @@ def test_sigterm_requeues_cancel_keeps_a_partial_artifact_retry_resumes(
             worker.kill()
     job = _job(sessions, job_id)
     assert (job.state, job.attempts, job.worker_id, job.pid) == ("queued", 0, None, None)
+    stopped_at = _progress(data, job_id)
+    assert 0 < stopped_at < steps
 
     worker = _worker(data, migrated_url, "b", idle_exit_s=2.0)
     try:
         _wait_for(
             "the job to run again",
-            lambda: _job(sessions, job_id).pid and _progress(data, job_id) >= 40,
+            lambda: _job(sessions, job_id).pid and _progress(data, job_id) >= stopped_at + 20,
         )
         with sessions() as s:
             assert queue.cancel_job(s, job_id=job_id).cancel_requested
         _wait_for("the job to stop", lambda: _job(sessions, job_id).state == "cancelled")
         job = _job(sessions, job_id)
-        assert 0 < job.step < STEPS and job.log_tail
+        assert 0 < job.step < steps and job.log_tail
         assert (data / "clts/clt/cancelled.json").is_file()
         with sessions() as s:
             partial = s.scalar(select(Artifact).where(Artifact.path == "clts/clt"))
@@ -230,7 +234,7 @@ def test_sigterm_requeues_cancel_keeps_a_partial_artifact_retry_resumes(
         if worker.poll() is None:
             worker.kill()
     job = _job(sessions, job_id)
-    assert (job.state, job.attempts, job.step) == ("succeeded", 1, STEPS)
+    assert (job.state, job.attempts, job.step) == ("succeeded", 1, steps)
     assert not (data / "clts/clt/cancelled.json").exists()
     with sessions() as s:
         done = s.scalar(select(Artifact).where(Artifact.path == "clts/clt"))
