@@ -208,13 +208,7 @@ def get(session: SessionDep, _key: ReadKeyDep, job_id: JobIdParam) -> JobPublic:
     "partial artifact kept and marked. 409 when it has finished already.",
 )
 def cancel(session: SessionDep, _key: WriteKeyDep, job_id: JobIdParam) -> JobPublic:
-    try:
-        job = cancel_job(session, job_id=job_id)
-    except KeyError:
-        raise ProblemError(404, f"no job with id {job_id!r}", id=job_id) from None
-    except JobStateError as e:
-        raise ProblemError(409, str(e), id=job_id) from None
-    return job_public(session, job)
+    return _transition(session, job_id, cancel_job)
 
 
 @router.post(
@@ -225,8 +219,13 @@ def cancel(session: SessionDep, _key: WriteKeyDep, job_id: JobIdParam) -> JobPub
     "failed or was cancelled.",
 )
 def retry(session: SessionDep, _key: WriteKeyDep, job_id: JobIdParam) -> JobPublic:
+    return _transition(session, job_id, retry_job)
+
+
+def _transition(session, job_id: str, change) -> JobPublic:
+    """Apply a queue state change: 404 for an unknown job, 409 for a state that forbids it."""
     try:
-        job = retry_job(session, job_id=job_id)
+        job = change(session, job_id=job_id)
     except KeyError:
         raise ProblemError(404, f"no job with id {job_id!r}", id=job_id) from None
     except JobStateError as e:
