@@ -35,7 +35,8 @@ ray_submission = pytest.importorskip("ray.job_submission")
 httpx = pytest.importorskip("httpx")
 
 CLT_CONFIG = dict(
-    activations="activations/a.zarr", d_features=64, batch_size=64, steps=400,
+    # long enough (seconds on an idle machine) that a kill seen at step 60 lands mid-run
+    activations="activations/a.zarr", d_features=64, batch_size=64, steps=2000,
     lr_warmup_steps=10, checkpoint_every=20, seed=3, device="cpu",
 )  # fmt: skip
 VENV_BIN = Path(sys.executable).parent
@@ -238,7 +239,7 @@ def test_train_clt_over_http_on_ray_killed_mid_run_equals_the_cli(service, ray_h
     os.kill(pid, signal.SIGKILL)  # the Ray job's process dies mid-run
     print(f"SIGKILL runner pid {pid} (Ray job {running['backend_ref']}) at step {running['step']}")
 
-    done = service.wait_state(job["id"], ("succeeded", "failed", "cancelled"), 180)
+    done = service.wait_state(job["id"], ("succeeded", "failed", "cancelled"), 600)
     _transcript("ended", done)
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 2 and done["backend_ref"] == f"sc-{job['id']}-a2"
@@ -364,7 +365,7 @@ def test_a_dead_workers_ray_job_is_stopped_before_the_next_attempt(service, ray_
     ref2 = second.start(Launch("orphan", 2, data, "train-clt", config)).ref
     client = ray_submission.JobSubmissionClient(ray_head)
     assert str(client.get_job_status(ref1).value) == "STOPPED"  # ended before ref2 was submitted
-    status = _wait(lambda: (s := second.poll(ref2)) is not None and (s,), 180, "attempt 2")[0]
+    status = _wait(lambda: (s := second.poll(ref2)) is not None and (s,), 600, "attempt 2")[0]
     assert status == 0
     outcome = json.loads((data / "jobs" / "orphan" / OUTCOME_FILE).read_text())
     assert outcome["attempt"] == 2 and outcome["state"] == "succeeded"
