@@ -1,75 +1,100 @@
-"""The post-training runs behind the reported figures, end to end through the CLI.
+"""The post-training runs behind the reported figures, end to end through the CLI, over seeds.
 
-    python benchmarks/sparsify_runs.py toy    --work runs/   # train-toy + sparsify, defaults
-    python benchmarks/sparsify_runs.py stdlib --work runs/   # pretrain on the stdlib source + sparsify
+    python benchmarks/sparsify_runs.py toy     --work runs/ --seeds 0 1 2  # train-toy + sparsify, defaults
+    python benchmarks/sparsify_runs.py records --work runs/   # pretrain on a generated corpus + sparsify, defaults
+    python benchmarks/sparsify_runs.py stdlib  --work runs/   # pretrain on the stdlib source + sparsify
     python benchmarks/sparsify_runs.py stdlib512 --work runs/  # the same at context 512
 
-Every stage is resumable, so rerunning continues a killed run. Prints a markdown table of the
-figures (dense vs sparse CE, accuracy, connectivity, keys per query, wall time) and writes it as
-JSON to benchmarks/results/sparsify_<setting>.json.
+Each seed trains its own dense model and sparsifies it with that seed (`--dense-seed N` shares
+one dense model instead). Every stage is resumable, so rerunning continues a killed run. Prints
+a markdown table per seed and the mean and spread (standard deviation, min, max) over seeds,
+and writes both as JSON to benchmarks/results/sparsify_<setting>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 from sparse_circuits.cli import main as cli
+from sparse_circuits.sparse_attention.toy import records_corpus
 
-# The stdlib settings are sized for a 2-core CPU: 4 layers, d_model 128, context 256 or 512.
+# Sparsify runs with its defaults everywhere; the stdlib dense models are sized by hand for a
+# 2-core CPU (4 layers, d_model 128, vocabulary 2048, context 256 or 512).
 SETTINGS = {
-    "toy": {
-        "dense": ["train-toy", "--task", "addition"],
-        "sparse": ["sparsify"],
-    },
+    "toy": {"dense": ["train-toy", "--task", "addition"], "sparse": ["sparsify"]},
+    "records": {"dense": ["pretrain", "--corpus", "{work}/records300.txt"], "sparse": ["sparsify"]},
     "stdlib": {
         "dense": ["pretrain", "--corpus", "stdlib", "--vocab-size", "2048", "--batch-size", "8", "--steps", "1500",
                   "--lr", "2e-3", "--context-length", "256"],
-        "sparse": ["sparsify", "--batch-size", "8", "--steps", "1000", "--lr", "5e-4", "--eval-sequences", "128",
-                   "--eval-batch-size", "8", "--lambda-max-log-step", "0.02"],
+        "sparse": ["sparsify"],
     },
-    # The same model and token budget at context 512, for 512-token attribution graphs.
     "stdlib512": {
         "dense": ["pretrain", "--corpus", "stdlib", "--vocab-size", "2048", "--batch-size", "4", "--steps", "1500",
                   "--lr", "2e-3", "--context-length", "512"],
-        "sparse": ["sparsify", "--batch-size", "4", "--steps", "1000", "--lr", "5e-4", "--eval-sequences", "64",
-                   "--eval-batch-size", "4", "--lambda-max-log-step", "0.02"],
+        "sparse": ["sparsify"],
     },
 }  # fmt: skip
 
+FIGURES = ("loss_ratio", "ce_gap", "sparse_accuracy", "dense_accuracy", "connectivity",
+           "keys_per_query", "dense_seconds_this_run", "sparsify_seconds_this_run")  # fmt: skip
 
-def run(setting: str, work: Path) -> dict:
-    dense, sparse = work / f"{setting}-dense", work / f"{setting}-sparse"
+
+def run(setting: str, work: Path, seed: int, dense_seed: int | None) -> dict:
+    """One seed: its dense model (or the shared one) and its sparsified twin."""
+    work.mkdir(parents=True, exist_ok=True)
+    if setting == "records" and not (work / "records300.txt").exists():
+        (work / "records300.txt").write_text(records_corpus(300))
+    d_seed = seed if dense_seed is None else dense_seed
+    dense, sparse = work / f"{setting}-dense-s{d_seed}", work / f"{setting}-sparse-s{seed}"
     spec = SETTINGS[setting]
     t0 = time.perf_counter()
     if not (dense / "metrics.json").exists():
-        assert cli([*spec["dense"], "--out", str(dense)]) == 0
+        args = [a.format(work=work) for a in spec["dense"]]
+        assert cli([*args, "--seed", str(d_seed), "--out", str(dense)]) == 0
     t1 = time.perf_counter()
     if not (sparse / "metrics.json").exists():
-        assert cli([*spec["sparse"], "--model", str(dense), "--out", str(sparse)]) == 0
+        args = [*spec["sparse"], "--seed", str(seed), "--model", str(dense), "--out", str(sparse)]
+        assert cli(args) == 0
     t2 = time.perf_counter()
-    dm, sm = (
-        json.loads((dense / "metrics.json").read_text()),
-        json.loads((sparse / "metrics.json").read_text()),
-    )
-    result = {
-        "setting": setting,
+    sm = json.loads((sparse / "metrics.json").read_text())
+    return {
+        "seed": seed,
+        "dense_seed": d_seed,
         "dense_loss": sm["dense_loss"],
         "sparse_loss": sm["loss"],
         "loss_ratio": sm["loss"] / sm["dense_loss"],
+        "ce_gap": sm["loss"] - sm["dense_loss"],
+        "within_tolerance": sm["within_tolerance"],
         "dense_accuracy": sm.get("dense_accuracy"),
         "sparse_accuracy": sm.get("accuracy"),
         "connectivity": sm["connectivity"],
         "keys_per_query": sm["keys_per_query"],
         "empty_query_fraction": sm["empty_query_fraction"],
         "context_length": sm["context_length"],
-        "dense_seconds_this_run": t1 - t0,
+        "steps": sm["steps"],
+        "batch_size": sm.get("batch_size"),
+        "selected_step": sm["selected_step"],
+        "dense_seconds_this_run": t1 - t0,  # ~0 when the stage was already done
         "sparsify_seconds_this_run": t2 - t1,
-        "dense_training_loss": dm["loss"],
     }
-    return result
+
+
+def spread(runs: list[dict]) -> dict:
+    out = {}
+    for key in FIGURES:
+        values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
+        if values:
+            out[key] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+            }
+    return out
 
 
 if __name__ == "__main__":
@@ -78,11 +103,20 @@ if __name__ == "__main__":
     )
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--work", type=Path, default=Path("runs"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dense-seed", type=int, help="share this seed's dense model")
     args = parser.parse_args()
-    result = run(args.setting, args.work)
+    runs = [run(args.setting, args.work, s, args.dense_seed) for s in args.seeds]
+    result = {"setting": args.setting, "runs": runs, "over_seeds": spread(runs)}
     out = Path(__file__).parent / "results" / f"sparsify_{args.setting}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| figure | value |\n|---|---|")
-    for k, v in result.items():
-        print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    print("| seed | CE dense | CE sparse | accuracy | connectivity | keys/query | sparsify s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        acc = "–" if r["sparse_accuracy"] is None else f"{r['sparse_accuracy']:.4f}"
+        print(f"| {r['seed']} | {r['dense_loss']:.4g} | {r['sparse_loss']:.4g} | {acc} | "
+              f"{r['connectivity']:.4%} | {r['keys_per_query']:.3f} | {r['sparsify_seconds_this_run']:.0f} |")  # fmt: skip
+    print("\n| figure | mean | std | min | max |\n|---|---|---|---|---|")
+    for k, v in result["over_seeds"].items():
+        print(f"| {k} | {v['mean']:.4g} | {v['std']:.2g} | {v['min']:.4g} | {v['max']:.4g} |")

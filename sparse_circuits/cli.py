@@ -181,8 +181,20 @@ class _Formatter(logging.Formatter):
         return msg if record.levelno == logging.INFO else f"{record.levelname.lower()}: {msg}"
 
 
+class _AboveBars(logging.StreamHandler):
+    """Log lines go above a running progress bar, not into its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm  # noqa: PLC0415  (only once something logs)
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001  (logging must never raise)
+            self.handleError(record)
+
+
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler()
+    handler = _AboveBars()
     handler.setFormatter(_Formatter(verbose))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     # Third-party chatter a user cannot act on (matplotlib's one-time font-cache notice, ...).

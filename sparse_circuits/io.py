@@ -132,6 +132,17 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL log, skipping a line torn by a kill."""
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 # ----------------------------------------------------------------------------- locks
 
 

@@ -5,6 +5,7 @@ logs and reports."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -12,7 +13,12 @@ import pytest
 
 from sparse_circuits.cli import main
 from sparse_circuits.sparse_attention import sparsify as sparsify_module
-from sparse_circuits.sparse_attention.sparsify import SparsifyConfig, tolerance, update_lambda
+from sparse_circuits.sparse_attention.sparsify import (
+    SparsifyConfig,
+    constraint_error,
+    tolerance,
+    update_lambda,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layers", "2", "--d-model", "32", "--n-heads", "2", "--batch-size", "32"]
@@ -49,28 +55,27 @@ def test_connectivity_figures_in_the_readmes_are_recorded_results():
 
 
 def test_the_sparsify_docstring_states_the_taus_and_lambda_a_run_uses(tmp_path):
-    """τ_batch (each batch's dense CE) drives λ through the bounded GECO step; τ_held-out is
-    the `tau` metrics.json reports beside the held-out loss."""
+    """τ_batch (each batch's dense CE) drives λ through the PI step on the constraint in units
+    of its slack; τ_held-out is the `tau` metrics.json reports beside the held-out loss."""
     doc = sparsify_module.__doc__
-    for name in ("τ_batch", "τ_validation", "τ_held-out", "EMA(CE_hard − τ_batch)"):
+    for name in ("τ_batch", "τ_validation", "τ_held-out", "(CE_hard − τ_batch) / (τ_batch − CE_dense,batch)"):
         assert name in doc, name
     dense, out = tmp_path / "dense", tmp_path / "sparse"
     assert main(["train-toy", "--out", str(dense), "--steps", "30", "--lr", "3e-3", *TINY]) == 0
     args = ["--steps", "8", "--batch-size", "16", "--eval-sequences", "64", "--select-every", "4",
-            "--log-every", "1", "--lambda-lr", "20"]  # fmt: skip
+            "--log-every", "1", "--lambda-ki", "0.5"]  # fmt: skip
     assert main(["sparsify", "--model", str(dense), "--out", str(out), *args]) == 0
-    cfg = SparsifyConfig(model=dense, out=out, steps=8, lambda_lr=20)
+    cfg = SparsifyConfig(model=dense, out=out, steps=8, lambda_ki=0.5)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(8))
-    lam, ema = cfg.lambda_init, 0.0
+    lam, integral, ema = cfg.lambda_init, math.log(cfg.lambda_init), 0.0
     for r in lines:
         assert r["tau"] == pytest.approx(
             tolerance(r["dense_ce"], cfg.tolerance_rel, cfg.tolerance_abs)
         )
-        assert r["lambda"] == pytest.approx(lam) and r["constraint_ema"] == pytest.approx(
-            update_lambda(lam, ema, r["hard_ce"] - r["tau"], cfg)[1]
-        )
-        lam, ema = update_lambda(lam, ema, r["hard_ce"] - r["tau"], cfg)
+        error = constraint_error(r["hard_ce"], r["dense_ce"], r["tau"])
+        assert r["lambda"] == pytest.approx(lam) and r["constraint_error"] == pytest.approx(error)
+        lam, integral, ema = update_lambda(integral, ema, error, cfg)
     assert lam != cfg.lambda_init  # λ moved
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tau"] == pytest.approx(

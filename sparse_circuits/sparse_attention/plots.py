@@ -50,3 +50,33 @@ def plot_attention_patterns(
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
+
+
+def plot_training_curves(
+    runs: dict[str, list[dict]], out: Path, *, anneal_end: int | None = None
+) -> Path:
+    """sparsify's controller over steps, one line per run (e.g. before and after a change):
+    λ, the constraint in units of its slack (CE_hard − τ) / (τ − CE_dense), and the
+    hard-gate connectivity of the training batch. `runs` maps a label to metrics.jsonl records."""
+    panels = (
+        ("λ", lambda r: r["lambda"], "log"),
+        ("(CE_hard − τ) / (τ − CE_dense)", lambda r: (r["hard_ce"] - r["tau"]) / max(r["tau"] - r["dense_ce"], 1e-12), "linear"),
+        ("connectivity (hard gates)", lambda r: r["hard_connectivity"], "log"),
+    )  # fmt: skip
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 7), sharex=True)
+    for ax, (title, value, scale) in zip(axes, panels, strict=True):
+        for label, records in runs.items():
+            ax.plot([r["step"] for r in records], [value(r) for r in records], lw=0.8, label=label)
+        ax.set_yscale(scale)
+        ax.set_ylabel(title, fontsize=8)
+        if anneal_end is not None:
+            ax.axvline(anneal_end, color="grey", lw=0.6, ls="--")
+    axes[1].axhline(0, color="black", lw=0.6)
+    axes[1].set_ylim(-1.5, 3)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("step (dashed: the gate offset reaches 0)")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out

@@ -5,10 +5,15 @@ while keeping its loss.
     subject to CE(θ) ≤ τ,   τ = max((1 + rel) · CE_dense, CE_dense + abs)
 
     L = R + λ · CE  [+ w · KL(dense ‖ model)]     (the gradient of λ · (CE − τ): τ is a constant)
-    λ ← clamp(λ · exp(clamp(η · EMA(CE_hard − τ_batch), ±max_log_step)), λ_min, λ_max)   (GECO-style)
 
-CE in the loss is the noisy-gate CE that carries gradients; CE_hard, which drives λ, is the
-same batch's CE with deterministic gates, the model inference will run.
+λ is set by a PI controller on log λ, driven by the constraint in units of its own slack,
+    e = clip((CE_hard − τ_batch) / (τ_batch − CE_dense,batch), −1, 1)
+    I ← clamp(I + k_i · e),   log λ = clamp(I + k_p · EMA(e))
+Measured in units of the slack, e is −1 when the sparse model matches the dense one and +1
+at twice the allowed excess, whatever the CE's scale (a raw CE − τ of 0.005 nats barely moves
+λ; the same slack on a CE of 3.5 is noise). The integral term finds the λ that holds CE at
+τ; the proportional term, on a short EMA, damps the lag between λ and the CE it steers (a
+pure integrator on a lagging signal oscillates); clipping e bounds any one step's change.
 
 Three τ, each from the dense model's CE on the data it is compared on:
     τ_batch       each training batch's, from the dense CE on that same batch: drives λ (a
@@ -18,7 +23,10 @@ Three τ, each from the dense model's CE on the data it is compared on:
                   metrics.json, beside the held-out `loss` they judge
 
 The gate offset b starts high (gates open) and is annealed to 0. The schedules are pure
-functions of the step, and λ with its EMA is checkpointed, so a killed run resumes exactly.
+functions of the step, and the controller's state is checkpointed, so a killed run resumes
+exactly. The run is sized in tokens, not sequences: `batch_tokens` becomes sequences of the
+model's context, steps follow the data's size, and warm-up, anneal and the checks of the
+weights kept are fractions of the steps (`plan_run`), printed with a time estimate.
 
 λ can overshoot in either direction, so after annealing, every `select_every` steps the
 weights are checked on the validation sequences (held out, and apart from the reported ones);
@@ -45,14 +53,14 @@ from pydantic import Field, model_validator
 
 from ..config import resolve_device
 from ..errors import StageError
-from ..io import claim_run_dir, load_tensors, save_tensors, write_json
+from ..io import claim_run_dir, load_tensors, read_jsonl, save_tensors, write_json
 from .connectivity import evaluate
 from .data import DataSpec, TokenData, load_token_data, save_data_spec
 from .hooks import capture
 from .model import GateConfig, GatedImpl, ModelOutput, Transformer, causal_pair_count
 from .modeldir import load_model, save_model
-from .plots import plot_attention_patterns
-from .training import OptimConfig, autocast, run_training
+from .plots import plot_attention_patterns, plot_training_curves
+from .training import OptimConfig, autocast, run_training, size_run
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +77,43 @@ class SparsifyConfig(OptimConfig):
     context_length: int | None = Field(
         None, gt=1, description="Context length; default: the model's data's."
     )
-    steps: int = Field(1500, gt=0, description="Optimiser steps.")
-    batch_size: int = Field(128, gt=0, description="Sequences per step.")
+    steps: int | None = Field(
+        None,
+        gt=0,
+        description="Optimiser steps; default: 20 passes over the training tokens, within 300-1500.",
+    )
+    batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Tokens per step, as whole sequences of the context length; default 2048 "
+        "on CPU, 16384 on an accelerator.",
+    )
+    batch_size: int | None = Field(
+        None, gt=0, description="Sequences per step; overrides --batch-tokens."
+    )
     lr: float = Field(
         3e-4, gt=0, description="The biggest lever: too high and the noisy-gate CE spikes."
     )
-    warmup_steps: int = Field(50, ge=0, description="Linear learning-rate warm-up.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear learning-rate warm-up; default: a twentieth of the steps."
+    )
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: constant after warm-up.")
     gate_offset_start: float = Field(3.0, description="Gate offset b at step 0 (gates start open).")
     gate_offset_anneal: float = Field(
         0.5, gt=0, le=1, description="Fraction of steps over which b goes to 0."
     )
     lambda_init: float = Field(1.0, gt=0, description="Initial Lagrange multiplier on CE − τ.")
-    lambda_lr: float = Field(1.0, gt=0, description="η: multiplicative λ update rate.")
-    lambda_ema: float = Field(0.99, ge=0, lt=1, description="EMA decay of the constraint CE − τ.")
+    lambda_ki: float = Field(
+        0.02, gt=0, description="Integral gain: change of log λ per step at a full violation."
+    )
+    lambda_kp: float = Field(
+        1.0, ge=0, description="Proportional gain on the smoothed violation (damping)."
+    )
+    lambda_ema: float = Field(
+        0.9, ge=0, lt=1, description="EMA decay of the violation the proportional term sees."
+    )
     lambda_min: float = Field(1e-3, gt=0, description="Lower clamp of λ.")
     lambda_max: float = Field(1e4, gt=0, description="Upper clamp of λ.")
-    lambda_max_log_step: float = Field(
-        0.05, gt=0, description="Largest change of log λ in one step."
-    )
     tolerance_rel: float = Field(0.02, ge=0, description="τ = max((1+rel)·CE_dense, CE_dense+abs).")
     tolerance_abs: float = Field(
         0.005, ge=0, description="Absolute floor of the tolerance, in nats."
@@ -113,8 +139,11 @@ class SparsifyConfig(OptimConfig):
         ge=0,
         description="Held-out sequences, apart from the reported ones, for choosing the final weights.",
     )
-    select_every: int = Field(
-        50, gt=0, description="Steps between checks of a candidate for the final weights."
+    select_every: int | None = Field(
+        None,
+        gt=0,
+        description="Steps between checks of a candidate for the final weights; default: "
+        "30 checks over the run.",
     )
     figure_index: int = Field(
         0, ge=0, description="Held-out sequence drawn in attention_patterns.png."
@@ -145,14 +174,56 @@ def tolerance(dense_ce: float, rel: float, abs_: float) -> float:
     return max((1 + rel) * dense_ce, dense_ce + abs_)
 
 
+def constraint_error(hard_ce: float, dense_ce: float, tau: float) -> float:
+    """CE_hard − τ in units of the slack τ − CE_dense, clipped to [−1, 1]: −1 when the sparse
+    model is as good as the dense one, 0 on the constraint, +1 at twice the allowed excess."""
+    slack = max(tau - dense_ce, 1e-12)
+    return max(-1.0, min(1.0, (hard_ce - tau) / slack))
+
+
 def update_lambda(
-    lam: float, ema: float, violation: float, cfg: SparsifyConfig
-) -> tuple[float, float]:
-    """One GECO step: EMA of CE − τ, then a bounded multiplicative change of λ."""
-    ema = cfg.lambda_ema * ema + (1 - cfg.lambda_ema) * violation
-    log_step = max(-cfg.lambda_max_log_step, min(cfg.lambda_max_log_step, cfg.lambda_lr * ema))
-    lam = min(cfg.lambda_max, max(cfg.lambda_min, lam * math.exp(log_step)))
-    return lam, ema
+    integral: float, error_ema: float, error: float, cfg: SparsifyConfig
+) -> tuple[float, float, float]:
+    """One PI step on log λ: (λ, integral, error EMA). The integral is clamped to λ's range,
+    so it never winds up beyond what λ can express."""
+    lo, hi = math.log(cfg.lambda_min), math.log(cfg.lambda_max)
+    integral = min(hi, max(lo, integral + cfg.lambda_ki * error))
+    error_ema = cfg.lambda_ema * error_ema + (1 - cfg.lambda_ema) * error
+    log_lambda = min(hi, max(lo, integral + cfg.lambda_kp * error_ema))
+    return math.exp(log_lambda), integral, error_ema
+
+
+CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 2048, 16384
+PASSES, MIN_STEPS, MAX_STEPS = 20, 300, 1500
+
+
+def plan_run(
+    cfg: SparsifyConfig, n_train: int, context_length: int, device: torch.device
+) -> SparsifyConfig:
+    """The config with every size the user left open filled in from the data and the device:
+    sequences per step from the token budget and the context, steps from the data's size
+    (PASSES passes, within MIN_STEPS..MAX_STEPS: the controller needs a few hundred steps to
+    settle, and more rarely pays), warm-up and the checks of the kept weights as fractions of
+    the steps (the anneal already is one, `gate_offset_anneal`)."""
+    batch_size, steps = size_run(
+        n_train=n_train,
+        context_length=context_length,
+        batch_tokens=cfg.batch_tokens
+        or (CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS),
+        batch_size=cfg.batch_size,
+        steps=cfg.steps,
+        passes=PASSES,
+        min_steps=MIN_STEPS,
+        max_steps=MAX_STEPS,
+    )
+    return cfg.model_copy(
+        update={
+            "batch_size": batch_size,
+            "steps": steps,
+            "warmup_steps": steps // 20 if cfg.warmup_steps is None else cfg.warmup_steps,
+            "select_every": cfg.select_every or max(1, steps // 30),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -237,7 +308,7 @@ def sparsify(cfg: SparsifyConfig) -> Path:
     run = _Sparsifier(cfg, out, device)
     run_training(
         model=run.trainee,
-        cfg=cfg,
+        cfg=run.cfg,
         out=out,
         step_fn=run.step,
         extra_state=run.state,
@@ -265,10 +336,23 @@ class _Sparsifier:
                 f"context length {data.context_length} is longer than the model's "
                 f"{self.model.cfg.context_length}"
             )
+        self.cfg = cfg = plan_run(cfg, data.train_inputs.shape[0], data.context_length, device)
+        log.info(
+            "plan: %d tokens per step (%d sequences of %d), %d steps (%.1f passes over %d "
+            "training sequences); learning-rate warm-up %d steps, gate offset annealed over %d, "
+            "the weights kept checked every %d steps after that",
+            cfg.batch_size * data.context_length, cfg.batch_size, data.context_length, cfg.steps,
+            cfg.steps * cfg.batch_size / data.train_inputs.shape[0], data.train_inputs.shape[0],
+            cfg.warmup_steps, int(cfg.gate_offset_anneal * cfg.steps), cfg.select_every,
+        )  # fmt: skip
         self.task = data.spec.task
-        n_eval = min(cfg.eval_sequences, data.heldout_inputs.shape[0])
+        # A small held-out set is shared half and half, so that the weights kept are chosen
+        # on sequences apart from the reported ones even then.
+        n_held = data.heldout_inputs.shape[0]
+        n_select = min(cfg.select_sequences, n_held // 2)
+        n_eval = min(cfg.eval_sequences, n_held - n_select)
         self.held = (data.heldout_inputs[:n_eval], data.heldout_targets[:n_eval])
-        end = n_eval + cfg.select_sequences
+        end = n_eval + n_select
         self.val = (data.heldout_inputs[n_eval:end], data.heldout_targets[n_eval:end])
         self.anneal_steps = int(cfg.gate_offset_anneal * cfg.steps)
         self.best_path = out / "best.safetensors"
@@ -302,7 +386,8 @@ class _Sparsifier:
         self.dense_forward = dense_reference(self.model, self.trainee, lora=bool(cfg.lora_rank))
         self.state = {
             "lambda": cfg.lambda_init,
-            "ema": 0.0,
+            "integral": math.log(cfg.lambda_init),
+            "error_ema": 0.0,
             "best_step": -1,
             "best_connectivity": 2.0,
         }
@@ -331,20 +416,21 @@ class _Sparsifier:
         with torch.no_grad():
             model.set_gate("hard", offset)
             hard_ce = trainee(x, y).loss.item()
-        lam_used = state["lambda"]
-        batch_tau = tolerance(dense_out.loss.item(), cfg.tolerance_rel, cfg.tolerance_abs)
-        state["lambda"], state["ema"] = update_lambda(
-            state["lambda"], state["ema"], hard_ce - batch_tau, cfg
+        lam_used, dense_ce = state["lambda"], dense_out.loss.item()
+        batch_tau = tolerance(dense_ce, cfg.tolerance_rel, cfg.tolerance_abs)
+        error = constraint_error(hard_ce, dense_ce, batch_tau)
+        state["lambda"], state["integral"], state["error_ema"] = update_lambda(
+            state["integral"], state["error_ema"], error, cfg
         )
         T = x.shape[1]
         hard_edges = torch.stack([s.open_edges for s in o.gate_stats]).double()  # L,B,H
         return {
             "ce": o.loss.item(),
             "hard_ce": hard_ce,
-            "dense_ce": dense_out.loss.item(),
+            "dense_ce": dense_ce,
             "tau": batch_tau,
             "lambda": lam_used,
-            "constraint_ema": state["ema"],
+            "constraint_error": error,
             "gate_offset": offset,
             "open": open_fraction.item(),
             "hard_connectivity": (hard_edges / causal_pair_count(T)).mean().item(),
@@ -384,7 +470,7 @@ class _Sparsifier:
         elif len(self.val[0]):
             log.warning(
                 "no checkpoint kept the validation CE within τ_validation = %.4f: the final weights are saved, "
-                "but they miss the tolerance; rerun with more steps or a smaller --lambda-max-log-step",
+                "but they miss the tolerance; rerun with more steps or a smaller --lambda-ki",
                 self.tau_val,
             )
         model = self.trainee.merge_and_unload() if cfg.lora_rank else self.model
@@ -397,6 +483,7 @@ class _Sparsifier:
             **sparse,
             "lambda": state["lambda"],
             "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
             "selected_step": state["best_step"] if state["best_step"] >= 0 else cfg.steps,
             "within_tolerance": sparse["loss"] <= self.tau,
         }
@@ -409,6 +496,11 @@ class _Sparsifier:
             _patterns(model, self.sample),
             out / "attention_patterns.png",
             tokens=[self.data.tokenizer.id_to_token(int(t)) for t in self.sample[0]],
+        )
+        plot_training_curves(
+            {out.name: read_jsonl(out / "metrics.jsonl")},
+            out / "training_curves.png",
+            anneal_end=self.anneal_steps,
         )
         write_json(out / "metrics.json", metrics)
         log.info(

@@ -7,6 +7,8 @@ equals greedy decoding's exact match: every forced prefix is then the model's ow
 
 from __future__ import annotations
 
+import random
+
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -59,3 +61,37 @@ def exact_match(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per sequence: every scored target predicted by argmax. logits B,T,V; targets B,T."""
     scored = targets != -100
     return ((logits.argmax(-1) == targets) | ~scored).all(-1)
+
+
+# ----------------------------------------------------------------------------- a text toy
+# Short structured examples, one per line (a small list operation or a record lookup), for
+# the text pipeline (`pretrain --corpus` → `sparsify`): most tokens are predictable from a
+# few earlier ones, by copying, sorting or looking a field up.
+
+WORDS = "amber birch cedar delta ember fjord grove heron iris juniper kestrel lotus maple".split()
+CITIES = "Oslo Lima Quito Porto Kyoto Dakar Perth Tunis Hanoi Turin".split()
+
+
+def record_example(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    items = rng.sample(WORDS, rng.randint(3, 6))
+    if kind == 0:
+        return f"sort {' '.join(items)} -> {' '.join(sorted(items))}"
+    if kind == 1:
+        return f"reverse {' '.join(items)} -> {' '.join(reversed(items))}"
+    if kind == 2:
+        numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
+        return f"max of {' '.join(map(str, numbers))} is {max(numbers)}"
+    name, city, age = rng.choice(WORDS).title(), rng.choice(CITIES), rng.randint(18, 90)
+    field = rng.choice(["city", "age"])
+    value = city if field == "city" else age
+    return f"record name={name} city={city} age={age} ; {field} of {name} = {value}"
+
+
+def records_corpus(kilobytes: float, seed: int = 0) -> str:
+    """About `kilobytes` of examples, one per line."""
+    rng, lines, size = random.Random(seed), [], 0
+    while size < kilobytes * 1000:
+        lines.append(record_example(rng))
+        size += len(lines[-1]) + 1
+    return "\n".join(lines) + "\n"

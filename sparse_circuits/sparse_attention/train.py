@@ -15,7 +15,7 @@ from .connectivity import evaluate
 from .data import DataSpec, TokenData, build_data, load_texts, save_data_spec, train_bpe_tokenizer
 from .model import ModelConfig, Transformer
 from .modeldir import save_model
-from .training import OptimConfig, autocast, run_training
+from .training import OptimConfig, autocast, run_training, size_run
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ class ToyTrainConfig(ArchitectureFields):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
 
 
+PRETRAIN_MAX_STEPS = 3000  # a large corpus: a bounded run by default, longer on request
+
+
 class PretrainConfig(ArchitectureFields):
     """`pretrain`: a small LM on a text corpus (default: the Python standard library's source)."""
 
@@ -85,8 +88,26 @@ class PretrainConfig(ArchitectureFields):
     vocab_size: int = Field(4096, gt=256, description="BPE vocabulary trained on the corpus.")
     max_tokens: int | None = Field(None, gt=0, description="Use at most this many corpus tokens.")
     text_field: str = Field("text", description="Column holding the text in JSON/parquet data.")
-    steps: int = Field(3000, gt=0, description="Optimiser steps.")
-    batch_size: int = Field(16, gt=0, description="Sequences per step.")
+    steps: int | None = Field(
+        None,
+        gt=0,
+        description="Optimiser steps; default: --passes over the training tokens, at most 3000.",
+    )
+    passes: float = Field(
+        10, gt=0, description="Passes over the corpus when --steps is not given."
+    )
+    batch_tokens: int = Field(
+        8192,
+        gt=0,
+        description="Tokens per step, as whole sequences of the context length (at least 20 "
+        "steps per pass over a small corpus).",
+    )
+    batch_size: int | None = Field(
+        None, gt=0, description="Sequences per step; overrides --batch-tokens."
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear learning-rate warm-up; default: a twentieth of the steps."
+    )
     lr: float = Field(2e-3, gt=0, description="Peak learning rate (warm-up, then cosine decay).")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
     eval_sequences: int = Field(256, gt=0, description="Held-out sequences for the final loss.")
@@ -150,9 +171,27 @@ def pretrain(cfg: PretrainConfig) -> Path:
     )
     tokenizer = train_bpe_tokenizer(load_texts(cfg.corpus, cfg.text_field), cfg.vocab_size)
     data = build_data(spec, tokenizer)
-    log.info(
-        "corpus: %d training sequences of %d tokens", data.train_inputs.shape[0], cfg.context_length
+    n_train = data.train_inputs.shape[0]
+    batch_size, steps = size_run(
+        n_train=n_train, context_length=cfg.context_length, batch_tokens=cfg.batch_tokens,
+        batch_size=cfg.batch_size, steps=cfg.steps, passes=cfg.passes, min_steps=1,
+        max_steps=PRETRAIN_MAX_STEPS,
+    )  # fmt: skip
+    capped = cfg.steps is None and steps == PRETRAIN_MAX_STEPS
+    cfg = cfg.model_copy(
+        update={
+            "batch_size": batch_size,
+            "steps": steps,
+            "warmup_steps": steps // 20 if cfg.warmup_steps is None else cfg.warmup_steps,
+        }
     )
+    log.info(
+        "plan: corpus of %d training sequences of %d tokens (%s tokens); %d tokens per step "
+        "(%d sequences), %d steps = %.1f passes%s",
+        n_train, cfg.context_length, f"{n_train * cfg.context_length:,}",
+        batch_size * cfg.context_length, batch_size, steps, steps * batch_size / n_train,
+        f" (capped at {PRETRAIN_MAX_STEPS} steps)" if capped else "",
+    )  # fmt: skip
     eos = tokenizer.token_to_id("<|endoftext|>")
     torch.manual_seed(cfg.seed)  # the initialisation too: one seed, one model
     model = Transformer(

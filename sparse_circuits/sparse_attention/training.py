@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,27 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, steps: int, min_lr_ratio: 
     return learning_rate(
         step, peak=lr, warmup_steps=warmup_steps, total_steps=steps, min_ratio=min_lr_ratio
     )
+
+
+def size_run(
+    *,
+    n_train: int,
+    context_length: int,
+    batch_tokens: int,
+    batch_size: int | None,
+    steps: int | None,
+    passes: float,
+    min_steps: int,
+    max_steps: int,
+) -> tuple[int, int]:
+    """(sequences per step, steps) of a run sized in tokens, for what the user left open:
+    `batch_tokens` as whole sequences of the context, but at least 20 steps per pass over a
+    small corpus; `passes` over the `n_train` training sequences, within min..max steps."""
+    if batch_size is None:
+        batch_size = max(1, min(batch_tokens // context_length, n_train // 20))
+    if steps is None:
+        steps = min(max_steps, max(min_steps, math.ceil(passes * n_train / batch_size)))
+    return batch_size, steps
 
 
 def autocast(device: str | torch.device):
@@ -139,7 +161,9 @@ def run_training(
     bar = progress_bar(
         range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, dynamic_ncols=True
     )
+    timer = StepTimer(start, cfg.steps, resolve_device(cfg.device))
     for step in bar:
+        timer.tick(step)
         lr = lr_at(
             step,
             lr=cfg.lr,
@@ -166,6 +190,32 @@ def run_training(
     bar.close()
     model.eval()
     return metrics
+
+
+class StepTimer:
+    """The time estimate every training stage prints: the mean of a few steps after the first
+    (which pays for warm-up allocations), times the steps left; a warning past an hour."""
+
+    def __init__(self, start: int, steps: int, device: torch.device, measure: int = 5):
+        self.begin, self.end, self.steps, self.device = start + 1, start + 1 + measure, steps, device
+        self.t0 = 0.0
+
+    def tick(self, step: int) -> None:
+        if step == self.begin:
+            self.t0 = time.perf_counter()
+        elif step == self.end:
+            per_step = (time.perf_counter() - self.t0) / (self.end - self.begin)
+            left = per_step * (self.steps - step)
+            text = "%.2f s per step: about %s for the %d steps left on %s"
+            args = (per_step, _duration(left), self.steps - step, self.device)
+            if left > 3600:
+                log.warning(text + "; fewer --steps or a smaller batch make it shorter", *args)
+            else:
+                log.info(text, *args)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
 
 
 def truncate_log(path: Path, below: int) -> int:
