@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import os
 import platform
@@ -122,16 +123,18 @@ def random_clt(
     return clt
 
 
-def prompt_ids(tokenizer, vocab_size: int, T: int, seed: int) -> list[int]:
-    """T tokens of Python standard library source (with a tokenizer), else random ids."""
+def prompt_ids(tokenizer, vocab_size: int, T: int, seed: int, offset: int = 0) -> list[int]:
+    """T tokens of Python standard library source from token `offset` on (with a tokenizer),
+    else random ids (the offset then seeds them)."""
     if tokenizer is not None:
-        import json as json_module  # noqa: PLC0415  (only its source text is used)
+        import json as json_module  # noqa: PLC0415  (only their source text is used)
 
-        ids = tokenizer.encode(inspect.getsource(json_module.decoder)).ids
-        if len(ids) >= T:
-            return ids[:T]
+        text = "".join(inspect.getsource(m) for m in (json_module.decoder, json_module.encoder))
+        ids = tokenizer.encode(text).ids
+        if len(ids) >= offset + T:
+            return ids[offset : offset + T]
     return torch.randint(
-        0, vocab_size, (T,), generator=torch.Generator().manual_seed(seed)
+        0, vocab_size, (T,), generator=torch.Generator().manual_seed(seed + offset)
     ).tolist()
 
 
@@ -141,12 +144,15 @@ def prompt_ids(tokenizer, vocab_size: int, T: int, seed: int) -> list[int]:
 def measure(job: dict) -> dict:
     """One graph in this process: times, sizes and peak memory."""
     torch.set_num_threads(job["threads"])
+    if job.get("memory_limit_gib"):  # fail with MemoryError rather than crowd a shared machine
+        limit = int(job["memory_limit_gib"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if job.get("dense_matmuls"):  # the frozen model's patterns as dense tensors, however sparse
         frozen.SPARSE_PATTERN_DENSITY = 0.0
     model, tokenizer = load_model(job["model"])
     clt = load_clt(job["clt"])
     clt_info = read_json(Path(job["clt"]) / "config.json")
-    prompt = prompt_ids(tokenizer, model.cfg.vocab_size, job["length"], job["seed"])
+    prompt = prompt_ids(tokenizer, model.cfg.vocab_size, job["length"], job["seed"], job["offset"])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     graph = attribute(model=model, clt=clt, prompt=prompt, tokenizer=tokenizer, clt_info=clt_info,
@@ -154,6 +160,7 @@ def measure(job: dict) -> dict:
     t1 = time.perf_counter()
     pruned = prune(graph)
     scores = graph_scores(graph, pruned.edge_mask)
+    full_scores = graph_scores(graph)
     t2 = time.perf_counter()
     qk = job["qk_edges"] if model.cfg.gate is not None else 0
     att = attention_attribution(
@@ -162,7 +169,8 @@ def measure(job: dict) -> dict:
     t3 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
-        "variant": job["variant"], "length": job["length"],
+        "variant": job["variant"], "length": job["length"], "offset": job["offset"],
+        "max_feature_nodes": job["max_feature_nodes"],
         "graph_s": round(t1 - t0, 2), "prune_s": round(t2 - t1, 2), "attention_s": round(t3 - t2, 2),
         "total_s": round(t3 - t0, 2),
         "peak_rss_gib": round(peak / 2**30, 3), "added_gib": round((peak - before) / 2**30, 3),
@@ -171,6 +179,8 @@ def measure(job: dict) -> dict:
         "edges_for_80pct": count_for_coverage(pruned.edge_scores, 0.8),
         "heads_for_80pct": att.summary.n_heads, "qk": len(att.qk),
         "pruned_replacement": round(scores.replacement, 4), "pruned_completeness": round(scores.completeness, 4),
+        "full_replacement": round(full_scores.replacement, 4), "full_completeness": round(full_scores.completeness, 4),
+        "unvisited_feature_share": round(graph.settings["unvisited_feature_share"], 4),
     }  # fmt: skip
 
 
@@ -179,6 +189,10 @@ def run_child(job: dict) -> dict:
         [sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True
     )
     if proc.returncode != 0:
+        if job.get("memory_limit_gib") and "MemoryError" in proc.stderr:
+            return {"variant": job["variant"], "length": job["length"], "offset": job["offset"],
+                    "max_feature_nodes": job["max_feature_nodes"],
+                    "failed": f"over the memory limit of {job['memory_limit_gib']} GiB"}  # fmt: skip
         raise RuntimeError(
             f"measurement {job['variant']} T={job['length']} failed:\n{proc.stderr[-3000:]}"
         )
@@ -193,8 +207,29 @@ def main() -> None:
     p.add_argument("--clt", type=Path, help="the dense model's CLT dir")
     p.add_argument("--sparse-model", type=Path, help="sparsified model dir")
     p.add_argument("--sparse-clt", type=Path, help="the sparsified model's CLT dir")
-    p.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256, 512])
-    p.add_argument("--max-feature-nodes", type=int, default=7500)
+    p.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512, 1024, 2048])
+    p.add_argument(
+        "--variants", nargs="+", choices=["dense", "sparse"], default=["dense", "sparse"]
+    )
+    p.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        nargs="+",
+        default=[7500],
+        help="feature rows per graph; several values measure each (0: every active feature)",
+    )
+    p.add_argument(
+        "--offsets",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="prompts: each starts this many tokens into the source text (random ids: seeds them)",
+    )
+    p.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        help="address-space limit of each measurement: over it, the row records the failure",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--qk-edges", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -236,16 +271,20 @@ def main() -> None:
         else:
             dirs = random_models(Path(tmp), args)
         rows = []
-        variants = ["dense", "sparse"] + (["sparse/dense-matmuls"] if args.dense_matmuls else [])
-        for length in args.lengths:
-            for variant in variants:
-                model_dir, clt_dir = dirs[variant.split("/")[0]]
-                job = {"variant": variant, "length": length, "model": str(model_dir), "clt": str(clt_dir),
-                       "max_feature_nodes": args.max_feature_nodes, "batch_size": args.batch_size,
-                       "qk_edges": args.qk_edges, "threads": args.threads, "seed": args.seed,
-                       "dense_matmuls": variant.endswith("dense-matmuls")}  # fmt: skip
-                rows.append(run_child(job))
-                print(json.dumps(rows[-1]), file=sys.stderr)
+        variants = list(args.variants)
+        if args.dense_matmuls and "sparse" in variants:
+            variants.append("sparse/dense-matmuls")
+        for length, offset, budget, variant in itertools.product(
+            args.lengths, args.offsets, args.max_feature_nodes, variants
+        ):
+            model_dir, clt_dir = dirs[variant.split("/")[0]]
+            job = {"variant": variant, "length": length, "offset": offset, "model": str(model_dir),
+                   "clt": str(clt_dir), "max_feature_nodes": budget or None, "batch_size": args.batch_size,
+                   "qk_edges": args.qk_edges, "threads": args.threads, "seed": args.seed,
+                   "memory_limit_gib": args.memory_limit_gib,
+                   "dense_matmuls": variant.endswith("dense-matmuls")}  # fmt: skip
+            rows.append(run_child(job))
+            print(json.dumps(rows[-1]), file=sys.stderr)
         models = {
             k: str(v[0]) if all(given) else "random stdlib-LM-shaped stand-in"
             for k, v in dirs.items()
@@ -270,20 +309,32 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     print(
-        "| T | model | active features | rows | edges | graph s | total s | peak RSS GiB | added GiB | edges for 80 % | heads for 80 % |"
+        "| T | offset | model | rows budget | active features | rows | edges | graph s | total s | peak RSS GiB "
+        "| added GiB | replacement full / pruned | share on features without rows | heads for 80 % |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['length']} | {r['variant']} | {r['active_features']} | {r['feature_nodes']} | {r['edges']:,} | "
-              f"{r['graph_s']} | {r['total_s']} | {r['peak_rss_gib']} | {r['added_gib']} | {r['edges_for_80pct']:,} | "
-              f"{r['heads_for_80pct']} |")  # fmt: skip
-    by = {(r["variant"], r["length"]): r for r in rows}
-    for length in args.lengths:
-        d, s = by[("dense", length)], by[("sparse", length)]
-        print(f"T={length}: dense/sparse graph time {d['graph_s'] / s['graph_s']:.2f}x, "
-              f"edges {d['edges'] / max(s['edges'], 1):.1f}x")  # fmt: skip
-        if ("sparse/dense-matmuls", length) in by:
-            m = by[("sparse/dense-matmuls", length)]
+        if "failed" in r:
+            print(
+                f"| {r['length']} | {r['offset']} | {r['variant']} | {r['max_feature_nodes']} | {r['failed']} |"
+            )
+            continue
+        print(f"| {r['length']} | {r['offset']} | {r['variant']} | {r['max_feature_nodes']} | {r['active_features']} | "
+              f"{r['feature_nodes']} | {r['edges']:,} | {r['graph_s']} | {r['total_s']} | {r['peak_rss_gib']} | "
+              f"{r['added_gib']} | {r['full_replacement']} / {r['pruned_replacement']} | "
+              f"{r['unvisited_feature_share']} | {r['heads_for_80pct']} |")  # fmt: skip
+    by = {
+        (r["variant"], r["length"], r["offset"], r["max_feature_nodes"]): r
+        for r in rows
+        if "failed" not in r
+    }
+    for (variant, length, offset, budget), s in by.items():
+        d = by.get(("dense", length, offset, budget))
+        if variant == "sparse" and d is not None:
+            print(f"T={length}: dense/sparse graph time {d['graph_s'] / s['graph_s']:.2f}x, "
+                  f"edges {d['edges'] / max(s['edges'], 1):.1f}x")  # fmt: skip
+        m = by.get(("sparse/dense-matmuls", length, offset, budget))
+        if variant == "sparse" and m is not None:
             print(f"T={length}: sparse model, dense/sparse pattern matmuls: graph time "
                   f"{m['graph_s'] / s['graph_s']:.2f}x, total {m['total_s'] / s['total_s']:.2f}x")  # fmt: skip
     print(f"wrote {args.out}")

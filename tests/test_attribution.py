@@ -16,6 +16,7 @@ import jsonschema
 import pytest
 import torch
 
+from sparse_circuits.attribution import attribute as attribute_module
 from sparse_circuits.attribution import frozen as frozen_module
 from sparse_circuits.attribution.attention import QKContext, attention_attribution, head_loadings
 from sparse_circuits.attribution.attribute import attribute
@@ -241,6 +242,25 @@ def test_a_feature_budget_gives_the_full_graphs_edges_among_the_chosen_nodes(set
     A, F = g.dense_adjacency(), full_graph.dense_adjacency()
     rows = torch.cat([torch.arange(g.n_features), torch.arange(g.logit_offset, g.n_nodes)])
     torch.testing.assert_close(A[rows][:, :], F[to_full[rows]][:, to_full], atol=1e-6, rtol=1e-5)
+
+
+def test_rows_kept_dense_or_sparse_give_the_same_graph(setup, full_graph, monkeypatch):
+    """A block of rows is kept dense or in CSR form by its share of nonzeros: either way the
+    features chosen, the edges and the share of influence left on features without rows agree."""
+    _, model, clt, _, run = setup
+    assert full_graph.settings["unvisited_feature_share"] == 0
+    graphs = []
+    for density in (0.0, 2.0):  # every block dense, then every block CSR
+        monkeypatch.setattr(attribute_module, "DENSE_ROW_DENSITY", density)
+        graphs.append(attribute(model=model, clt=clt, prompt=run.tokens, targets=list(range(VOCAB)),
+                                max_feature_nodes=40, batch_size=16, update_interval=1))  # fmt: skip
+    dense, sparse = graphs
+    assert torch.equal(dense.features, sparse.features)
+    for name in ("edge_targets", "edge_sources", "edge_weights"):
+        assert torch.equal(getattr(dense, name), getattr(sparse, name))
+    share = dense.settings["unvisited_feature_share"]
+    assert 0 < share < 1
+    assert sparse.settings["unvisited_feature_share"] == pytest.approx(share, rel=1e-4)
 
 
 def test_freezing_is_complete(setup):

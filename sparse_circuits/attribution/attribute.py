@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -60,54 +60,115 @@ DTYPES = {
 }
 
 
+# A block of rows is kept dense from this share of nonzeros on: CSR costs 8 bytes a nonzero
+# (int32 column, float32 value), a dense float32 matrix 4 bytes an entry.
+DENSE_ROW_DENSITY = 0.5
+
+
+class _RowBlock(NamedTuple):
+    """The rows of one backward pass over the source columns: a dense float32 matrix, or CSR
+    (int32 column and float32 value per nonzero) when that is smaller."""
+
+    nodes: torch.Tensor  # n  each row's node
+    abs_sums: torch.Tensor  # n  Σ |value| over the row
+    dense: torch.Tensor | None  # n,n_cols  (None: CSR)
+    crow: torch.Tensor | None  # n+1  offsets of each row's entries
+    col: torch.Tensor | None  # nnz  int32, ascending within a row
+    val: torch.Tensor | None  # nnz
+
+    @classmethod
+    def of(cls, nodes: torch.Tensor, values: torch.Tensor) -> _RowBlock:
+        values = values.float().cpu()
+        nodes, abs_sums = nodes.long().cpu(), values.abs().sum(1)
+        if int(values.count_nonzero()) >= DENSE_ROW_DENSITY * values.numel():
+            return cls(nodes, abs_sums, values.contiguous(), None, None, None)
+        csr = values.to_sparse_csr()
+        return cls(nodes, abs_sums, None, csr.crow_indices(), csr.col_indices().int(), csr.values())
+
+    def entries(
+        self, columns: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row in the block, column, value) of the nonzero entries, ordered by row then column;
+        only the columns where the bool mask `columns` is set, when given."""
+        if self.dense is not None:
+            if columns is None:
+                r, c = self.dense.nonzero(as_tuple=True)
+                return r, c, self.dense[r, c]
+            idx = columns.nonzero().squeeze(1)
+            sub = self.dense[:, idx]
+            r, c = sub.nonzero(as_tuple=True)
+            return r, idx[c], sub[r, c]
+        r = torch.repeat_interleave(torch.arange(self.nodes.numel()), self.crow.diff())
+        c, v = self.col.long(), self.val
+        if columns is not None:
+            keep = columns[c]
+            r, c, v = r[keep], c[keep], v[keep]
+        return r, c, v
+
+    def column_mass(self, row_weights: torch.Tensor, n_cols: int) -> torch.Tensor:
+        """Σ_rows row_weights[row] · |value[row, col]| for every column: n_cols."""
+        if self.dense is not None:
+            return row_weights @ self.dense.abs()
+        r = torch.repeat_interleave(torch.arange(self.nodes.numel()), self.crow.diff())
+        return torch.zeros(n_cols).index_add_(0, self.col, row_weights[r] * self.val.abs())
+
+
 class _Rows:
-    """Attribution rows computed so far: sparse chunks over the columns of a SourceTable.
+    """Attribution rows computed so far over the columns of a SourceTable, one block per
+    backward pass. Each block is kept dense or sparse, whichever is smaller (a dense model's
+    rows are mostly nonzero, a sparsified model's mostly zero: every closed attention edge gives
+    exact zeros), and everything computed from the rows goes block by block: memory is the
+    blocks' own plus one block's temporaries, never an edge list over all rows.
 
     Row nodes live in the exploration's node space: columns [0, n_cols) (features, errors,
     embeddings) followed by the logit targets."""
 
     def __init__(self, n_cols: int):
         self.n_cols = n_cols
-        self.nodes: list[torch.Tensor] = []  # per chunk: the row's node
-        self.abs_sums: list[torch.Tensor] = []
-        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (row, col, value)
+        self.blocks: list[_RowBlock] = []
         self.n_rows = 0
-        self._cat: tuple[torch.Tensor, ...] | None = None
 
     def add(self, nodes: torch.Tensor, values: torch.Tensor) -> None:
-        r, c = values.nonzero(as_tuple=True)
-        self.chunks.append(
-            ((r + self.n_rows).int().cpu(), c.int().cpu(), values[r, c].float().cpu())
-        )
-        self.nodes.append(nodes.int().cpu())
-        self.abs_sums.append(values.abs().sum(1).float().cpu())
+        self.blocks.append(_RowBlock.of(nodes, values))
         self.n_rows += nodes.numel()
-        self._cat = None
 
-    def arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row, col, value) per entry, then node and |value| sum per row."""
-        if self._cat is None:
-            r, c, v = (torch.cat(x) for x in zip(*self.chunks, strict=True))
-            self.chunks = [(r, c, v)]  # keep one copy
-            self._cat = (r, c, v, torch.cat(self.nodes), torch.cat(self.abs_sums))
-        return self._cat
+    def entries(self, columns: torch.Tensor | None = None):
+        """(row, column, value) of every nonzero entry (in the columns of the bool mask
+        `columns`, when given), rows numbered in the order they were added; then each row's node."""
+        rows, cols, vals, first = [], [], [], 0
+        for block in self.blocks:
+            r, c, v = block.entries(columns)
+            rows.append(r + first)
+            cols.append(c)
+            vals.append(v)
+            first += block.nodes.numel()
+        nodes = torch.cat([b.nodes for b in self.blocks])
+        return torch.cat(rows), torch.cat(cols), torch.cat(vals), nodes
 
     def estimated_influence(self, logit_weights: torch.Tensor) -> torch.Tensor:
         """Influence on the logits of every node, through the rows computed so far.
 
         Only nodes with rows pass influence on, so the paths are walked on the edges between
-        them (few), and one last pass over all edges spreads it to every column."""
-        r, c, v, nodes, abs_sums = self.arrays()
+        them (few), and one last pass over the blocks spreads it to every column."""
         n_nodes = self.n_cols + logit_weights.numel()
-        target = nodes[r]
-        norm_w = v.abs() / abs_sums[r].clamp(min=1e-10)
+        nodes = torch.cat([b.nodes for b in self.blocks])
+        abs_sums = torch.cat([b.abs_sums for b in self.blocks]).clamp(min=1e-10)
         start = torch.zeros(n_nodes)
         start[self.n_cols :] = logit_weights
         has_row = torch.zeros(n_nodes, dtype=torch.bool)
         has_row[nodes] = True
-        inner = has_row[c]
-        total = start + propagate(target[inner], c[inner], norm_w[inner], start)
-        return torch.zeros(n_nodes).index_add_(0, c, total[target] * norm_w)
+        r, c, v, _ = self.entries(has_row[: self.n_cols])
+        total = start + propagate(nodes[r], c, v.abs() / abs_sums[r], start)
+        row_weights = total[nodes] / abs_sums
+        influence = torch.zeros(n_nodes)
+        first = 0
+        for block in self.blocks:
+            n = block.nodes.numel()
+            influence[: self.n_cols] += block.column_mass(
+                row_weights[first : first + n], self.n_cols
+            )
+            first += n
+        return influence
 
 
 def attribute(
@@ -197,6 +258,13 @@ def attribute(
                 visited[idx] = True
                 bar.update(idx.numel())
     del prefixes, full
+    # What the budget leaves out: the share of the rows' influence-weighted mass that falls on
+    # active features without rows (their edges are dropped, so the graph never sees it).
+    unvisited_share = 0.0
+    if budget < N:
+        mass = rows.estimated_influence(weights)[: sources.n_cols]
+        unvisited_share = float(mass[:N][~visited].sum() / mass.sum().clamp(min=1e-30))
+    log.info("%.1f %% of the rows' influence falls on features without rows", 100 * unvisited_share)
 
     graph = _pack(rows, sources, visited, run, rm, logit_targets, tokenizer, prompt)
     graph.settings = {
@@ -208,6 +276,7 @@ def attribute(
         "embedding": rm.embedding,
         "include_bos": rm.include_bos,
         "dtype": str(rm.dtype).removeprefix("torch."),
+        "unvisited_feature_share": round(unvisited_share, 6),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return graph
@@ -227,13 +296,11 @@ def _pack(
     # feature is active anywhere: the graph is then errors, embeddings and logits alone.
     to_node = torch.full((N + 1,), -1, dtype=torch.long)
     to_node[selected] = torch.arange(Nf)
-    seen = torch.cat([visited, visited.new_zeros(1)])
     logit_offset = Nf + sources.n_cols - N
-    r, c, v, nodes, _ = rows.arrays()
-    keep = (c >= N) | seen[c.clamp(max=N)]
-    r, c, v = r[keep], c[keep].long(), v[keep]
+    # Only the visited features' columns, the errors' and the embeddings' become edges.
+    keep = torch.cat([visited, torch.ones(sources.n_cols - N, dtype=torch.bool)])
+    r, c, v, nodes = rows.entries(keep)
     source = torch.where(c < N, to_node[c.clamp(max=N)], c - N + Nf)
-    nodes = nodes.long()
     row_target = torch.where(
         nodes < N, to_node[nodes.clamp(max=N)], nodes - sources.n_cols + logit_offset
     )
