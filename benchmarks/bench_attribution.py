@@ -260,16 +260,16 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.child))))
         return
 
-    given = [args.model, args.clt, args.sparse_model, args.sparse_clt]
-    if any(given) and not all(given):
+    pairs = {"dense": (args.model, args.clt), "sparse": (args.sparse_model, args.sparse_clt)}
+    given = any(x is not None for pair in pairs.values() for x in pair)
+    missing = [v for v in args.variants if None in pairs[v]]
+    if given and missing:
         p.error(
-            "give all of --model, --clt, --sparse-model, --sparse-clt, or none (random stand-ins)"
+            "with trained models, give a model and its CLT for each variant measured "
+            "(--model/--clt for dense, --sparse-model/--sparse-clt for sparse); none: random stand-ins"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        if all(given):
-            dirs = {"dense": (args.model, args.clt), "sparse": (args.sparse_model, args.sparse_clt)}
-        else:
-            dirs = random_models(Path(tmp), args)
+        dirs = pairs if given else random_models(Path(tmp), args)
         rows = []
         variants = list(args.variants)
         if args.dense_matmuls and "sparse" in variants:
@@ -286,8 +286,8 @@ def main() -> None:
             rows.append(run_child(job))
             print(json.dumps(rows[-1]), file=sys.stderr)
         models = {
-            k: str(v[0]) if all(given) else "random stdlib-LM-shaped stand-in"
-            for k, v in dirs.items()
+            k: str(dirs[k][0]) if given else "random stdlib-LM-shaped stand-in"
+            for k in args.variants
         }
     result = {
         "what": "attribution graph (max_feature_nodes rows) + pruning + attention attribution, per prompt length",

@@ -224,7 +224,7 @@ def attribute(
         len(logit_targets),
     )
 
-    prefixes = PrefixGraphs(rm, run, batch_size)
+    prefixes = PrefixGraphs(rm, run, batch_size, taps=("mlp_in", "final"))  # all rows inject there
     rows = _Rows(sources.n_cols)
     W_U = model.lm_head.weight
     directions = torch.stack([t.direction(W_U) for t in logit_targets])  # n_logits,M

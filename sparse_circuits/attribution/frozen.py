@@ -18,7 +18,7 @@ read it), the final norm's output (logits read it), and each layer's q, k, v, z.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
@@ -93,6 +93,9 @@ class FrozenGraph:
     sources: "prompt" (embeddings of `tokens`, the prompt's MLP outputs) or "bias" (of the
     embeddings only what no embedding node holds, MLP outputs b_dec only where features are:
     the forward values are then what no node explains).
+    taps: the kinds of tap kept for injections and reads (default all). Each kept tap holds a
+    B x T x M tensor per layer, so a caller that injects at MLP inputs and logits alone keeps
+    those two and the graph holds a third of the memory.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class FrozenGraph:
         patterns: Literal["full", "diagonal"] = "full",
         sources: Literal["prompt", "bias"] = "prompt",
         tokens: torch.Tensor | None = None,
+        taps: Collection[TapKind] = ("mlp_in", "final", "q", "k", "v", "z"),
     ):
         self.rm, self.run, self.batch_size = rm, run, batch_size
         model, L = rm.model, rm.cfg.n_layers
@@ -142,10 +146,11 @@ class FrozenGraph:
 
             fns[f"blocks.{li}.hook_mlp_out"] = mlp_out
             for kind, hook in _TAP_HOOKS.items():
-                fns[hook.format(layer=li)] = self._recorder(Tap(kind, li))
+                fns[hook.format(layer=li)] = self._recorder(Tap(kind, li), keep=kind in taps)
 
         def final(out: torch.Tensor) -> None:
-            self.taps[Tap("final")] = out
+            if "final" in taps:
+                self.taps[Tap("final")] = out
 
         with (
             weights_frozen(model, rm.clt),
@@ -156,14 +161,15 @@ class FrozenGraph:
         ):
             model(tokens[None].expand(batch_size, -1))
 
-    def _recorder(self, tap: Tap):
+    def _recorder(self, tap: Tap, keep: bool):
         # q and k feed only the pattern and the MLP input only the MLP, whose outputs the
         # frozen model replaces: past the tap, one batch row is enough (the rest is discarded
         # work that would cost more than the backward passes of a short prompt).
         one_row = tap.kind in ("q", "k", "mlp_in")
 
         def record(x: torch.Tensor) -> torch.Tensor | None:
-            self.taps[tap] = x
+            if keep:
+                self.taps[tap] = x
             return x[:1] if one_row else None
 
         return record
