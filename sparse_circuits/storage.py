@@ -16,20 +16,27 @@ Activation stores are zarr and are read and written on S3 by zarr itself (`clt/s
 whole shards per object, the store's `complete` attr last. Credentials and endpoints come
 from `storage_options` or the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL), never from a saved config.
+
+A whole data dir may live under an s3:// prefix (`RemoteDataDir`): each process keeps local
+copies of the artifacts it reads and writes in a cache dir, fetched whole and checked before
+use and uploaded whole after, so stages, which work on local paths, run unchanged.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_dir, atomic_path
+from .io import LOCK_FILE, _is_leftover, atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -121,26 +128,50 @@ def get_file(url: str, local: str | os.PathLike, storage_options: dict | None = 
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    """The files of the artifact at `root`: not a run's lock file, nor temporaries a killed
+    writer left (`io.atomic_path` / `atomic_dir` siblings)."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not p.is_symlink()
+        and p.name != LOCK_FILE
+        and not any(_is_leftover(Path(part)) for part in p.relative_to(root).parts)
+    )
 
 
-def put_dir(local: str | os.PathLike, url: str, storage_options: dict | None = None) -> dict:
-    """Upload the directory `local` to the prefix `url`, manifest last; return the manifest."""
+def put_dir(
+    local: str | os.PathLike,
+    url: str,
+    storage_options: dict | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """Upload the directory `local` to the prefix `url`, manifest last; return the manifest.
+
+    `extra` adds fields to the manifest (who wrote it, whether the artifact is partial). A file
+    the previous manifest names with the same size and SHA-256, whose object is still there with
+    that size, is not sent again (re-uploading a CLT after its evaluation sends metrics.json)."""
     local = Path(local)
     if not local.is_dir():
         raise StorageError(f"{local} is not a directory")
     fs, root = filesystem(url, storage_options)
     manifest_path = f"{root}/{MANIFEST}"
+    previous = read_manifest(url, storage_options) or {"files": {}}
+    fs.invalidate_cache(root)
+    present = _remote_sizes(fs, root)
     if fs.exists(manifest_path):  # from now on the prefix reads as absent until the new one lands
         fs.rm_file(manifest_path)
-    files = {}
+    files, sent = {}, 0
     for f in _files(local):
         rel = f.relative_to(local).as_posix()
         if rel == MANIFEST:
             continue
-        fs.put_file(str(f), f"{root}/{rel}")
-        files[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "files": files}
+        info = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        if previous["files"].get(rel) != info or present.get(rel) != info["size"]:
+            fs.put_file(str(f), f"{root}/{rel}")
+            sent += 1
+        files[rel] = info
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, **(extra or {}), "files": files}
     fs.pipe_file(manifest_path, json.dumps(manifest, indent=1).encode())
     fs.invalidate_cache(root)
     stale = [
@@ -151,7 +182,17 @@ def put_dir(local: str | os.PathLike, url: str, storage_options: dict | None = N
             "removing %d object(s) under %s that the new manifest does not name", len(stale), url
         )
         fs.rm(stale)
+    log.debug("%s: %d of %d file(s) sent", url, sent, len(files))
     return manifest
+
+
+def _remote_sizes(fs, root: str) -> dict[str, int]:
+    """Every object under `root` (relative key -> size); {} when there is none."""
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {p.removeprefix(root + "/"): info["size"] for p, info in found.items()}
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
@@ -174,9 +215,7 @@ def dir_complete(url: str, storage_options: dict | None = None) -> bool:
         return False
     fs, root = filesystem(url, storage_options)
     fs.invalidate_cache(root)
-    sizes = {
-        p.removeprefix(root + "/"): info["size"] for p, info in fs.find(root, detail=True).items()
-    }
+    sizes = _remote_sizes(fs, root)
     return all(sizes.get(rel) == info["size"] for rel, info in manifest["files"].items())
 
 
@@ -186,6 +225,10 @@ def get_dir(url: str, local: str | os.PathLike, storage_options: dict | None = N
     manifest = read_manifest(url, storage_options)
     if manifest is None:
         raise StorageError(f"{url} holds no complete artifact (no {MANIFEST})")
+    return _get_dir(url, local, manifest, storage_options)
+
+
+def _get_dir(url: str, local: str | os.PathLike, manifest: dict, storage_options: dict | None):
     fs, root = filesystem(url, storage_options)
     with atomic_dir(local) as tmp:
         for rel, info in manifest["files"].items():
@@ -216,3 +259,196 @@ def get_artifact(url: str, local: str | os.PathLike, storage_options: dict | Non
     if local.is_dir():
         shutil.rmtree(local)
     return get_file(url, local, storage_options)
+
+
+# ----------------------------------------------------------------------------- a data dir on S3
+
+SYNCED_DIR = ".synced"  # in a cache dir: the remote state each local copy was last synced with
+DATA_URL_SCHEMES = ("s3://",)
+
+
+def check_data_url(url: str) -> str:
+    """`url` if it names a bucket (and prefix) on an S3-protocol store; else a clear error."""
+    if not url.startswith(DATA_URL_SCHEMES) or not url.split("://", 1)[1].strip("/"):
+        raise ValueError(
+            f"{url!r}: a shared data dir is an s3://bucket/prefix URL (any S3-protocol store: "
+            "set AWS_ENDPOINT_URL for one that is not AWS)"
+        )
+    return url.rstrip("/")
+
+
+def default_cache_dir(url: str) -> Path:
+    """Where a process keeps its copies of the data dir at `url` unless told otherwise."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparse-circuits" / "data" / url.split("://", 1)[1].strip("/")
+
+
+def split_data_dir(values: Any) -> Any:
+    """For the server's and the worker's configs (a `mode="before"` validator): a `data_dir`
+    given as an s3:// prefix becomes `data_url`, and `data_dir` the default local cache of it.
+    `data_url` given with a local `data_dir` names the cache explicitly."""
+    if not isinstance(values, dict):
+        return values
+    data_dir = values.get("data_dir")
+    if isinstance(data_dir, str) and "://" in data_dir:
+        if values.get("data_url"):
+            raise ValueError(
+                "data_dir is an URL and data_url is given too: give the s3:// prefix once, as "
+                "data_url, and data_dir as this machine's cache of it"
+            )
+        url = check_data_url(data_dir)
+        values = {**values, "data_url": url, "data_dir": default_cache_dir(url)}
+    elif values.get("data_url"):
+        values = {**values, "data_url": check_data_url(str(values["data_url"]))}
+    return values
+
+
+class RemoteDataDir:
+    """A data dir under the prefix `url`, and this machine's copies of its artifacts in `local`.
+
+    Processes work on local paths (`local / rel`); `fetch(rel)` brings the copy of `url/rel` up
+    to date (a directory whole and checked against its manifest, one object, or a plain folder
+    of objects), `upload(rel)` sends it back whole (manifest last). `local/.synced/` records the
+    remote state each copy was last synced with: a copy whose remote state has not changed since
+    is not fetched again; a remote state that changed (a later attempt of a job, run elsewhere,
+    uploaded it) replaces the local copy, and a local copy whose remote one never changed keeps
+    what was written here since (a run killed here before it could upload resumes from it).
+    Two processes syncing one path of one cache take turns (a file lock per path)."""
+
+    def __init__(
+        self, url: str, local: str | os.PathLike, storage_options: dict | None = None
+    ) -> None:
+        self.url = check_data_url(url)
+        self.local = Path(local).resolve()
+        self.storage_options = storage_options
+
+    def __repr__(self) -> str:
+        return f"RemoteDataDir({self.url!r}, cache {str(self.local)!r})"
+
+    def url_of(self, rel: str) -> str:
+        return join(self.url, _checked_rel(rel))
+
+    def remote_state(self, rel: str) -> dict | None:
+        """What `url/rel` holds: a manifest, one object's size and ETag, or a plain folder's
+        listing; None when nothing is there."""
+        url = self.url_of(rel)
+        manifest = read_manifest(url, self.storage_options)
+        if manifest is not None:
+            return {"manifest": manifest}
+        fs, path = filesystem(url, self.storage_options)
+        fs.invalidate_cache(path)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            return None
+        if info["type"] != "directory":
+            return {"object": _object_state(info)}
+        listing = {
+            p.removeprefix(path + "/"): _object_state(i)
+            for p, i in fs.find(path, detail=True).items()
+        }
+        return {"folder": listing} if listing else None
+
+    def synced_state(self, rel: str) -> dict | None:
+        try:
+            return json.loads(self._synced_file(rel).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def fetch(self, rel: str, *, folders: bool = False) -> Path | None:
+        """The local copy of `rel`, brought up to date with the prefix; None when the prefix
+        holds nothing there (a local copy, if any, is left as it is). A prefix with objects but
+        no manifest is an upload that did not finish: a StorageError, unless `folders` (a
+        corpus folder uploaded by hand) takes its objects as they are."""
+        local = self.local / _checked_rel(rel)
+        with self._lock(rel):
+            remote = self.remote_state(rel)
+            if remote is None:
+                return None
+            if "folder" in remote and not folders:
+                raise StorageError(
+                    f"{self.url_of(rel)} holds objects but no {MANIFEST}: an upload that did not "
+                    "finish (or files put there by hand), not an artifact"
+                )
+            if (local.exists() or local.is_symlink()) and self.synced_state(rel) == remote:
+                return local
+            url = self.url_of(rel)
+            log.info("fetching %s into %s", url, local)
+            if "manifest" in remote:
+                if local.is_file():
+                    local.unlink()
+                _get_dir(url, local, remote["manifest"], self.storage_options)
+            elif "object" in remote:
+                if local.is_dir():
+                    shutil.rmtree(local)
+                get_file(url, local, self.storage_options)
+            else:
+                self._get_folder(url, local, remote["folder"])
+            self._record(rel, remote)
+        return local
+
+    def upload(self, rel: str, extra: dict[str, Any] | None = None) -> dict | None:
+        """Send the local copy of `rel` to the prefix whole (a directory with its manifest, which
+        carries `extra`); returns the remote state now, None when there is no local copy."""
+        local = self.local / _checked_rel(rel)
+        with self._lock(rel):
+            if local.is_dir():
+                state = {"manifest": put_dir(local, self.url_of(rel), self.storage_options, extra)}
+            elif local.is_file():
+                put_file(local, self.url_of(rel), self.storage_options)
+                state = self.remote_state(rel)
+            else:
+                return None
+            self._record(rel, state)
+        log.info("uploaded %s to %s", local, self.url_of(rel))
+        return state
+
+    def glob(self, pattern: str) -> list[str]:
+        """The paths (relative to the prefix) of the objects matching `pattern` there."""
+        fs, root = filesystem(self.url, self.storage_options)
+        fs.invalidate_cache(root)
+        found = fs.glob(f"{root}/{_checked_rel(pattern)}")
+        return sorted(p.removeprefix(root + "/") for p in found)
+
+    def _get_folder(self, url: str, local: Path, listing: dict[str, dict]) -> None:
+        """Objects uploaded by hand under one prefix (a corpus folder): no manifest to check."""
+        fs, root = filesystem(url, self.storage_options)
+        if local.is_file():
+            local.unlink()
+        with atomic_dir(local) as tmp:
+            for rel in listing:
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root}/{rel}", str(target))
+
+    def _synced_file(self, rel: str) -> Path:
+        return self.local / SYNCED_DIR / f"{_checked_rel(rel)}.json"
+
+    def _record(self, rel: str, state: dict | None) -> None:
+        path = self._synced_file(rel)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(state))
+
+    @contextmanager
+    def _lock(self, rel: str) -> Iterator[None]:
+        path = self.local / SYNCED_DIR / f"{_checked_rel(rel)}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _object_state(info: dict) -> dict:
+    etag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return {"size": info.get("size"), "etag": str(etag).strip('"') if etag is not None else None}
+
+
+def _checked_rel(rel: str) -> str:
+    """`rel` as a path inside the data dir; a path that could leave it is a bug upstream."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or "://" in rel:
+        raise StorageError(f"{rel!r} is not a path inside the data dir")
+    return Path(rel).as_posix()

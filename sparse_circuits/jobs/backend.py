@@ -41,9 +41,10 @@ class Launch(NamedTuple):
 
 
 class Started(NamedTuple):
-    """Where a job runs: `ref` is what the backend knows it by."""
+    """Where a job runs: `ref` is what the backend knows it by; host and pid are None when
+    the backend cannot tell before the job starts (a Ray job: its runner reports them)."""
 
-    host: str
+    host: str | None
     pid: int | None
     ref: str
 

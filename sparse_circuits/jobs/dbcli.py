@@ -34,8 +34,18 @@ def _url(args: argparse.Namespace) -> str:
     if args.database_url is None and args.data_dir is None:
         raise StageError("give --data-dir (its SQLite database) or --database-url")
     if args.database_url is None:
+        check_local_data_dir(args.data_dir)
         args.data_dir.mkdir(parents=True, exist_ok=True)
     return database_url(args.data_dir or ".", args.database_url)
+
+
+def check_local_data_dir(data_dir: Path) -> None:
+    """The embedded SQLite database lives in a local data dir; an s3:// one holds none."""
+    if "://" in str(data_dir) or Path(data_dir).parts[:1] in (("s3:",), ("gs:",)):
+        raise StageError(
+            f"{data_dir} is not a local data dir: an s3:// data dir keeps no database, give "
+            "--database-url (the deployment's PostgreSQL)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

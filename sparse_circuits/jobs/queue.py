@@ -117,7 +117,7 @@ def queue_depth(session: Session) -> dict[str, int]:
 # ----------------------------------------------------------------------------- claim and lease
 
 
-def _begin_exclusive(session: Session) -> None:
+def begin_exclusive(session: Session) -> None:
     """Start the session's transaction holding SQLite's write lock (a no-op elsewhere)."""
     session.connection(execution_options={"sqlite_begin": "IMMEDIATE"})
 
@@ -141,7 +141,7 @@ def claim_job(
     transaction: the job is `running`, leased to `worker_id` for `lease_s`, its attempt counted,
     `backend` the one that will run it. Starts a fresh transaction on `session`."""
     session.rollback()  # a fresh transaction, begun with the write lock on SQLite
-    _begin_exclusive(session)
+    begin_exclusive(session)
     now = utcnow()
     _expire_leases(session, now)
     query = select(Job).where(Job.state == "queued")
@@ -187,7 +187,7 @@ def _expire_leases(session: Session, now: datetime) -> list[Job]:
 def requeue_expired(session: Session) -> list[Job]:
     """`claim_job`'s first half alone: requeue jobs whose lease expired."""
     session.rollback()
-    _begin_exclusive(session)
+    begin_exclusive(session)
     expired = _expire_leases(session, utcnow())
     session.commit()
     return expired
@@ -208,7 +208,7 @@ def record_runner(
     job_id: str,
     worker_id: str,
     attempt: int,
-    host: str,
+    host: str | None,
     pid: int | None,
     backend_ref: str | None,
 ) -> bool:
@@ -231,11 +231,15 @@ def heartbeat(
     desc: str | None = None,
     metrics: dict[str, Any] | None = None,
     log_tail: str | None = None,
+    host: str | None = None,
+    pid: int | None = None,
 ) -> Heartbeat:
-    """Renew the lease and store progress; says whether the lease is still ours and whether the
-    job was asked to cancel. Fields given as None are left as they were."""
+    """Renew the lease and store progress (and the host and pid of the job's process, once it
+    reports them); says whether the lease is still ours and whether the job was asked to
+    cancel. Fields given as None are left as they were."""
     values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=lease_s)}
     given = {"step": step, "total": total, "progress_desc": desc, "metrics": metrics}
+    given |= {"host": host, "pid": pid}
     values |= {k: v for k, v in given.items() if v is not None}
     if log_tail is not None:
         values["log_tail"] = log_tail
@@ -282,7 +286,7 @@ def release_job(
     past max_attempts the job fails. A job asked to cancel ends cancelled instead. Returns the
     job's new state, or None if the lease was lost."""
     session.rollback()
-    _begin_exclusive(session)
+    begin_exclusive(session)
     query = select(Job).where(*_owned(job_id, worker_id, attempt))
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()
@@ -342,7 +346,7 @@ def retry_job(session: Session, *, job_id: str) -> Job:
 
 def _locked_job(session: Session, job_id: str) -> Job:
     session.rollback()
-    _begin_exclusive(session)
+    begin_exclusive(session)
     query = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()

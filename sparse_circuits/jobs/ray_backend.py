@@ -12,7 +12,10 @@ record's `backend_ref`) whose entrypoint is the same runner a local child proces
 GPUs and memory the job needs (`resources`). Progress, the outcome and the log travel through the job dir as they do for
 a local job, so the worker's heartbeats copy step/total, metrics and the log tail into the job
 record unchanged; the Ray nodes need the package and the data dir (a shared volume, at the
-worker's path or at `data_dir`: docker/compose.yaml), never the database.
+worker's path or at `data_dir`: docker/compose.yaml), never the database. The job record's host
+and pid are the runner's on its Ray node (the head is not where it runs), its `backend_ref` the
+Ray job's submission id. With an s3:// data dir the shared volume is the worker's cache dir, and
+the Ray nodes need the S3 settings (AWS_ENDPOINT_URL, ...) in their own environment.
 
 - stop (cancel): `stop_job`, whose SIGTERM the runner turns into the stage stopping at its
   next step, checkpoints kept; Ray waits `stop_grace_s` before it kills.
@@ -145,7 +148,9 @@ class RayBackend(JobBackend):
             launch.job_id, launch.attempt, sid, self.address, resources.num_cpus,
             resources.num_gpus, f", torchrun x{resources.nproc}" if resources.nproc > 1 else "",
         )  # fmt: skip
-        return Started(host=self._head_host(), pid=None, ref=sid)
+        # where it runs is the runner's to say (attempts.jsonl; the worker copies it into the
+        # record): Ray picks the node
+        return Started(host=None, pid=None, ref=sid)
 
     def poll(self, ref: str) -> int | None:
         try:
@@ -211,9 +216,6 @@ class RayBackend(JobBackend):
         outcome = job_dir(data_dir, job_id) / OUTCOME_FILE  # one a stopped attempt left
         if (read_json_or_none(outcome) or {}).get("attempt", attempt) != attempt:
             outcome.unlink(missing_ok=True)
-
-    def _head_host(self) -> str:
-        return self.address.split("://", 1)[-1].rsplit(":", 1)[0]
 
 
 def make_backend(config) -> RayBackend:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ValidationError
 
@@ -27,6 +28,12 @@ PATH_FIELDS = frozenset({"out", "model", "clt", "activations", "tokens_file"})
 CORPUS_FIELDS = frozenset({"corpus", "data"})
 STDLIB = "stdlib"
 GLOB_CHARS = frozenset("*?[")
+# what each path is to its stage, for a data dir on object storage (`remote.py`): activation
+# stores are zarr, read and written on the object store itself; a stage's out / store_dir is
+# what it writes; a few stages write into an input too; every other path is read
+STORE_FIELDS = {"harvest": ("out",), "train-clt": ("activations",), "eval-clt": ("activations",)}
+OUTPUT_FIELDS = frozenset({"out", "store_dir"})
+WRITES_INTO = {"eval-clt": ("clt",), "feature-stats": ("clt",)}
 
 Loc = tuple[str | int, ...]
 
@@ -37,6 +44,36 @@ class JobSpecError(StageError):
     def __init__(self, errors: list[dict[str, Any]]):
         self.errors = errors
         super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+
+
+class JobPaths(NamedTuple):
+    """The paths of a validated job config (relative to the data dir), by what the stage does
+    with them; s3:// URLs, 'stdlib' and hub names are in none."""
+
+    inputs: list[str]  # files and directories it reads
+    corpus: list[str]  # corpus entries it reads: files, folders or globs
+    outputs: list[str]  # what it writes (and resumes from)
+    stores: list[Loc]  # where in the config an activation store's path is
+
+
+def job_paths(kind: str, config: dict[str, Any]) -> JobPaths:
+    """The paths of `config` (validated by `validate_job`) sorted by what `kind` does with them."""
+    model = STAGES[kind].config_class().model_validate(config)
+    found = JobPaths([], [], [], [])
+    writes = OUTPUT_FIELDS | set(WRITES_INTO.get(kind, ()))
+    for loc, value, n_entries in path_values(model):
+        if "://" in value:
+            continue
+        if len(loc) == 1 and loc[0] in STORE_FIELDS.get(kind, ()):
+            found.stores.append(loc)
+        elif n_entries is not None:
+            if value != STDLIB:
+                found.corpus.append(value)
+        elif len(loc) == 1 and loc[0] in writes:
+            found.outputs.append(value)
+        else:
+            found.inputs.append(value)
+    return found
 
 
 def validate_job(kind: str, config: dict[str, Any], data_dir: str | Path) -> BaseModel:
@@ -71,21 +108,36 @@ def _confine_model(
 ) -> dict[str, Any]:
     """The model as JSON with every path field confined to `root` (errors collected)."""
     out = model.model_dump(mode="json")
+    for here, value, n_entries in path_values(model):
+        if n_entries is None:
+            confined = _confined(_path, root, value, (*loc, *here), errors)
+        else:
+            confined = _confined(_corpus_entry, root, value, (*loc, *here), errors, n_entries)
+        _set(out, here, confined)
+    return out
+
+
+def path_values(model: BaseModel, loc: Loc = ()) -> Iterator[tuple[Loc, str, int | None]]:
+    """(where, value, n_entries) of every path in a config: `where` its field names (and list
+    index), `n_entries` the length of the corpus list it is an entry of (None: a path field)."""
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         if value is None:
             continue
         here = (*loc, name)
         if isinstance(value, BaseModel):
-            out[name] = _confine_model(value, root, here, errors)
+            yield from path_values(value, here)
         elif name in CORPUS_FIELDS and isinstance(value, list):
-            out[name] = [
-                _confined(_corpus_entry, root, str(v), (*here, i), errors, len(value))
-                for i, v in enumerate(value)
-            ]
+            for i, entry in enumerate(value):
+                yield (*here, i), str(entry), len(value)
         elif name in PATH_FIELDS or _is_path(field.annotation):
-            out[name] = _confined(_path, root, str(value), here, errors)
-    return out
+            yield here, str(value), None
+
+
+def _set(out: dict[str, Any], loc: Loc, value: Any) -> None:
+    for key in loc[:-1]:
+        out = out[key]
+    out[loc[-1]] = value
 
 
 def _confined(check, root: Path, value: str, loc: Loc, errors: list, *args) -> str:

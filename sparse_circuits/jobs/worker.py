@@ -8,6 +8,13 @@ its partial artifact kept and marked); and on success registers the artifact the
 returned. A worker killed outright loses nothing: its children die with it, its leases expire
 and another worker resumes the jobs. SIGTERM or Ctrl-C stops it gracefully: no new claims,
 the running jobs stop at their next step (keeping their checkpoints) and go back to the queue.
+
+The data dir may be an s3:// prefix shared by workers on several machines (`--data-dir
+s3://bucket/prefix`, or `--data-url URL --data-dir CACHE` to name the local cache): job dirs
+and the copies of the artifacts a job reads and writes are then kept in the local cache, and
+each job's runner fetches its inputs and uploads its outputs (`remote.py`). The job record
+names the host and pid of the process that runs the job (the runner's own, wherever a backend
+started it; `backend_ref` the backend's handle, e.g. the Ray job's submission id).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import StageError
-from ..io import write_json
+from ..stages import STAGES
+from ..storage import split_data_dir
 from . import queue
 from .artifacts import ArtifactError, register_artifact, register_partial
 from .backend import JobBackend, Launch, make_backend
@@ -35,16 +43,17 @@ from .runner import (
     LOG_FILE,
     OUTCOME_FILE,
     PROGRESS_FILE,
+    out_dir,
     prepare_job_dir,
     read_json_or_none,
     request_stop,
+    runner_of,
 )
 from .specs import JobSpecError, validate_job
 
 log = logging.getLogger(__name__)
 
 LOG_TAIL_CHARS = 4000
-CANCELLED_MARKER = "cancelled.json"  # in a cancelled job's out dir: the artifact is partial
 
 
 def _default_worker_id() -> str:
@@ -56,7 +65,16 @@ class WorkerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data_dir: Path = Field(description="Data dir: artifacts, job dirs and the SQLite default.")
+    data_dir: Path = Field(
+        description="Data dir: artifacts, job dirs and the SQLite default; or an s3://bucket/prefix "
+        "shared by workers on several machines (then this machine's cache of it is kept in "
+        "~/.cache/sparse-circuits/data/, unless --data-url names the prefix and this the cache)."
+    )
+    data_url: str | None = Field(
+        None,
+        description="An s3://bucket/prefix holding the artifacts, data_dir being this machine's "
+        "cache of them (S3 settings from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL (postgresql+psycopg://...); default: SQLite in data_dir."
     )
@@ -100,6 +118,8 @@ class WorkerConfig(BaseModel):
         None, gt=0, description="Exit after this long with nothing to run (default: never)."
     )
 
+    _split_data_dir = model_validator(mode="before")(split_data_dir)
+
     @model_validator(mode="after")
     def _name_and_lease(self) -> WorkerConfig:
         if self.worker_id is None:
@@ -139,14 +159,6 @@ def read_progress(data_dir: Path, path: Path, config: dict[str, Any]) -> dict[st
         "metrics": last_metrics(data_dir, config),
         "log_tail": tail(path / LOG_FILE, LOG_TAIL_CHARS),
     }
-
-
-def out_dir(data_dir: Path, config: dict[str, Any]) -> Path | None:
-    """A job's local output directory (None for s3:// or a job without `out`)."""
-    out = config.get("out")
-    if not out or str(out).startswith("s3://"):
-        return None
-    return data_dir / out
 
 
 def last_metrics(data_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -191,6 +203,7 @@ class Worker:
         log.info(
             "worker %s on %s (%s backend)", self.cfg.worker_id, self.data_dir, self.backend.name
         )
+        self._import_stage_configs()
         idle_since = time.monotonic()
         while not self.stop_event.is_set():
             try:
@@ -205,6 +218,14 @@ class Worker:
                 break
             self.stop_event.wait(self.cfg.poll_s)
         self._shut_down()
+
+    def _import_stage_configs(self) -> None:
+        """Import the config classes of the stages this worker runs before claiming any job:
+        a first import (torch...) between a claim and the job's start can outlast the lease
+        on a busy machine, and the job would be taken back before it ever ran."""
+        for kind in self.cfg.kinds or STAGES:
+            if kind in STAGES:
+                STAGES[kind].config_class()
 
     def _claim_more(self) -> None:
         while len(self.running) < self.cfg.concurrency and not self.stop_event.is_set():
@@ -226,7 +247,9 @@ class Worker:
         except JobSpecError as e:
             self._finish(session, job.id, job.attempts, "failed", error=f"invalid job: {e}")
             return
-        path = prepare_job_dir(self.data_dir, job.id, job.kind, config, job.attempts)
+        path = prepare_job_dir(
+            self.data_dir, job.id, job.kind, config, job.attempts, self.cfg.data_url
+        )
         try:
             launch = Launch(job.id, job.attempts, self.data_dir, job.kind, config)
             started = self.backend.start(launch)
@@ -292,6 +315,7 @@ class Worker:
                 attempt=run.attempt,
                 lease_s=self.cfg.lease_s,
                 **read_progress(self.data_dir, run.path, run.config),
+                **self._where(run),
             )
         if beat.owned:
             run.renewed = now
@@ -299,6 +323,12 @@ class Worker:
             self._lost(run)
         elif beat.cancel_requested and run.stopping is None:
             self._ask_to_stop(run, "cancel")
+
+    def _where(self, run: Running) -> dict[str, Any]:
+        """The host and pid of the job's runner once it has started (a Ray job's runs on a
+        node the worker does not choose), for the record; {} before."""
+        found = runner_of(run.path, run.attempt)
+        return {} if found is None else {"host": found[0], "pid": found[1]}
 
     def _ask_to_stop(self, run: Running, reason: str) -> None:
         log.info("job %s: asking it to stop (%s)", run.job_id, reason)
@@ -350,17 +380,17 @@ class Worker:
             attempt=run.attempt,
             lease_s=self.cfg.lease_s,
             **read_progress(self.data_dir, run.path, run.config),
+            **self._where(run),
         )
 
     def _record_outcome(self, session: Session, run: Running, outcome: dict[str, Any]) -> None:
+        """Register what the job wrote (the runner has marked a cancelled job's output partial
+        and, with an s3:// data dir, uploaded it) and end the job."""
         state, result = outcome["state"], outcome.get("result")
         out = out_dir(self.data_dir, run.config)
         if state == "succeeded":
-            if out is not None:
-                (out / CANCELLED_MARKER).unlink(missing_ok=True)
             self._register(session, run, result)
         elif state == "cancelled" and out is not None and out.is_dir():
-            write_json(out / CANCELLED_MARKER, {"job_id": run.job_id, "attempt": run.attempt})
             self._register_partial(session, run, out)
         self._finish(session, run.job_id, run.attempt, state, outcome.get("error"), result)
 
@@ -387,6 +417,10 @@ class Worker:
     def _register(self, session: Session, run: Running, result: str | None) -> None:
         if result is None:
             return
+        # the write lock first (SQLite): inspecting a store on S3 takes a while, and a read
+        # transaction that writes after another writer committed fails at once
+        session.rollback()
+        queue.begin_exclusive(session)
         try:
             register_artifact(session, self.data_dir, result, job_id=run.job_id)
         except ArtifactError as e:
@@ -394,6 +428,8 @@ class Worker:
             log.info("job %s wrote %s, which is no artifact to register: %s", run.job_id, result, e)
 
     def _register_partial(self, session: Session, run: Running, out: Path) -> None:
+        session.rollback()
+        queue.begin_exclusive(session)
         job = session.get(Job, run.job_id)
         try:
             register_partial(session, self.data_dir, out, job)

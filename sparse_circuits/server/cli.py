@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..jobs.dbcli import check_local_data_dir
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def serve(cfg: ServeConfig) -> None:
     if url.startswith("sqlite") and cfg.migrate_on_start:
         migrate(url)  # before the worker starts, so that the two never race to create tables
     app = create_app(cfg.settings())
+    mirror = start_mirror(app) if cfg.data_url else None
     worker = start_worker(cfg) if cfg.worker else None
     base = f"http://{_display_host(cfg.host)}:{cfg.port}"
     log.info("API docs: %s/docs", base)
@@ -64,6 +66,18 @@ def serve(cfg: ServeConfig) -> None:
     finally:
         if worker is not None:
             stop_worker(worker)
+        if mirror is not None:
+            mirror.stop()
+
+
+def start_mirror(app):
+    """With an s3:// data dir: fetch what workers elsewhere wrote into this server's cache."""
+    from .mirror import ArtifactMirror  # noqa: PLC0415
+
+    mirror = ArtifactMirror(app).start()
+    settings = app.state.settings
+    log.info("data dir %s, cached in %s", settings.data_url, settings.data_dir)
+    return mirror
 
 
 def serve_data_dir(data_dir: Path, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -113,6 +127,8 @@ def _display_host(host: str) -> str:
 
 def worker_command(cfg: ServeConfig) -> list[str]:
     cmd = [sys.executable, "-m", "sparse_circuits.cli", "worker", "--data-dir", str(cfg.data_dir)]
+    if cfg.data_url:  # the server's cache is its worker's too
+        cmd += ["--data-url", cfg.data_url]
     if cfg.database_url:
         cmd += ["--database-url", cfg.database_url]
     cmd += ["--concurrency", str(cfg.concurrency), "--backend", cfg.backend]
@@ -178,6 +194,7 @@ def keys(args: argparse.Namespace) -> int:
     _quiet_alembic()
     url = database_url(args.data_dir, args.database_url)
     if url.startswith("sqlite"):
+        check_local_data_dir(args.data_dir)
         args.data_dir.mkdir(parents=True, exist_ok=True)
         migrate(url)
     engine = make_engine(url)

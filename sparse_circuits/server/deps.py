@@ -1,9 +1,12 @@
-"""Typed dependencies: settings, a database session, the caller's API key."""
+"""Typed dependencies: settings, a database session, the caller's API key; and where an
+artifact's files are on this server (`local_artifact`)."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,8 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..jobs.db import ApiKey
+from ..jobs.remote import remote_data_dir
+from ..storage import StorageError
 from .problems import ProblemError
 from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
 _api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="An API key.")
@@ -94,3 +101,22 @@ def _lookup(request: Request, secret: str) -> ApiKey | None:
 
 WriteKeyDep = Annotated[ApiKey, Depends(require_write_key)]
 ReadKeyDep = Annotated[ApiKey | None, Depends(check_read_key)]
+
+
+def local_artifact(settings: ServerSettings, rel: str) -> Path:
+    """The local path of the artifact at `rel` (relative to the data dir). With an s3:// data
+    dir it is the cache's copy, fetched first when the cache lacks it (the artifact mirror
+    keeps recorded ones current); a problem (422 for a torn upload, 503 for an unreachable
+    store) when that fails. The path may not exist: nothing is there."""
+    local = settings.data_dir.resolve() / rel
+    remote = remote_data_dir(settings.data_url, settings.data_dir)
+    if remote is None or local.exists():
+        return local
+    try:
+        remote.fetch(rel)
+    except StorageError as e:
+        raise ProblemError(422, f"{rel}: {e}") from None
+    except Exception as e:  # the object store unreachable, credentials refused
+        log.warning("could not fetch %s from %s: %s", rel, remote.url, e)
+        raise ProblemError(503, f"the data dir {remote.url} could not be read: {e}") from None
+    return local

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..storage import split_data_dir
 
 
 class ServerSettings(BaseModel):
@@ -12,7 +14,17 @@ class ServerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data_dir: Path = Field(description="Artifacts live under it; the SQLite database too.")
+    data_dir: Path = Field(
+        description="Artifacts live under it; the SQLite database too. Or an s3://bucket/prefix "
+        "that servers and workers on several machines share (then this machine's cache of it is "
+        "kept in ~/.cache/sparse-circuits/data/, unless --data-url names the prefix and this "
+        "the cache)."
+    )
+    data_url: str | None = Field(
+        None,
+        description="An s3://bucket/prefix holding the artifacts, data_dir being this server's "
+        "cache of them (S3 settings from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL (postgresql+psycopg://...); default: SQLite in data_dir."
     )
@@ -47,3 +59,11 @@ class ServerSettings(BaseModel):
     events_poll_s: float = Field(
         0.5, gt=0, description="How often a job event stream reads the database for changes."
     )
+    mirror_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="With an s3:// data dir: how often the server looks for artifacts recorded "
+        "in the database that its cache lacks (or holds an older copy of), and fetches them.",
+    )
+
+    _split_data_dir = model_validator(mode="before")(split_data_dir)

@@ -2,7 +2,8 @@
 
 The three resources are one implementation (`artifact_router(kind, plural)`), differing only by
 the artifact kind they hold. Artifacts are files under the data dir; their rows hold where, the
-metrics and the lineage.
+metrics and the lineage. With an s3:// data dir the files read here are this server's cached
+copies (`deps.local_artifact`), fetched from the prefix when the cache lacks them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from ...jobs.artifacts import inspect_path, register_artifact, relative_path
 from ...jobs.db import Artifact
-from ..deps import ReadKeyDep, SessionDep, SettingsDep, WriteKeyDep
+from ..deps import ReadKeyDep, SessionDep, SettingsDep, WriteKeyDep, local_artifact
 from ..problems import ProblemError, problem_responses
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class ArtifactRegister(BaseModel):
     path: str = Field(
         min_length=1,
         max_length=4096,
-        description="Relative to the data dir, or absolute inside it.",
+        description="Relative to the data dir, or absolute inside it (with an s3:// data dir: "
+        "relative to the prefix, fetched from there).",
         examples=["models/addition-dense"],
     )
 
@@ -143,6 +145,7 @@ def artifact_router(kind: str, plural: str, title: str) -> APIRouter:
         response: Response,
     ) -> ArtifactPublic:
         path = resolve_body_path(settings.data_dir, body.path, field="path")
+        path = local_artifact(settings, relative_path(settings.data_dir, path))
         if not path.exists():
             raise ProblemError(
                 422,
@@ -182,7 +185,9 @@ def artifact_router(kind: str, plural: str, title: str) -> APIRouter:
         limit: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
     ) -> list[dict[str, Any]]:
         artifact = get_artifact_or_404(session, artifact_id, kind)
-        return read_metrics_log(settings.data_dir / artifact.path, limit)
+        if "://" in artifact.path:
+            return []  # an activation store on object storage: no metrics log
+        return read_metrics_log(local_artifact(settings, artifact.path), limit)
 
     return r
 
