@@ -10,6 +10,7 @@ trained from the same store on disk.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -128,3 +129,94 @@ def test_clt_trained_from_s3_store_with_environment_settings(
     # and the CLT goes up whole, for a machine with no shared disk
     storage.put_dir(remote, f"s3://{bucket}/clts/c", options)
     assert storage.dir_complete(f"s3://{bucket}/clts/c", options)
+
+
+# ----------------------------------------------------------------------------- a data dir on S3
+
+
+def test_remote_data_dir_fetches_whole_and_only_what_changed(tmp_path, s3_bucket, monkeypatch):
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/data"
+    here = storage.RemoteDataDir(url, tmp_path / "here", options)
+    there = storage.RemoteDataDir(url, tmp_path / "there", options)  # another machine's cache
+    assert here.fetch("models/m") is None  # nothing there yet
+    _artifact(there.local / "models/m", 1)
+    there.upload("models/m", {"state": "complete"})
+    assert storage.read_manifest(f"{url}/models/m", options)["state"] == "complete"
+    got = here.fetch("models/m")
+    assert got == here.local / "models/m" and _tree(got) == _tree(there.local / "models/m")
+
+    fs, _ = storage.filesystem(url, options)
+    real_get, gets = fs.get_file, []
+    monkeypatch.setattr(fs, "get_file", lambda *a, **kw: gets.append(a[0]) or real_get(*a, **kw))
+    here.fetch("models/m")
+    assert gets == []  # unchanged since the last sync: nothing downloaded
+
+    # written here since (a run killed before it uploaded): kept while the prefix's copy is
+    # the one it was synced with
+    (here.local / "models/m/config.json").write_text('{"version": "local"}')
+    here.fetch("models/m")
+    assert (here.local / "models/m/config.json").read_text() == '{"version": "local"}'
+    # the prefix's copy changed (a later attempt elsewhere uploaded): it replaces the local one
+    shutil.rmtree(there.local / "models/m")
+    _artifact(there.local / "models/m", 2)
+    puts = []
+    real_put = fs.put_file
+    monkeypatch.setattr(fs, "put_file", lambda *a, **kw: puts.append(a[1]) or real_put(*a, **kw))
+    there.upload("models/m")
+    assert sorted(p.rsplit("/", 1)[-1] for p in puts) == ["config.json", "weights.bin"]
+    here.fetch("models/m")
+    assert _tree(here.local / "models/m") == _tree(there.local / "models/m")
+    assert not (here.local / "models/m/only_in_v1.txt").exists()
+    # re-uploading an unchanged directory sends nothing but its manifest
+    puts.clear()
+    there.upload("models/m")
+    assert puts == []
+
+    # one object (a graph JSON, a token file) syncs by its ETag
+    (there.local / "tokens.npy").write_bytes(b"v1")
+    there.upload("tokens.npy")
+    assert here.fetch("tokens.npy").read_bytes() == b"v1"
+    gets.clear()
+    here.fetch("tokens.npy")
+    assert gets == []
+
+
+def test_remote_data_dir_refuses_a_torn_upload(tmp_path, s3_bucket):
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/data"
+    cache = storage.RemoteDataDir(url, tmp_path / "cache", options)
+    fs, _ = storage.filesystem(url, options)
+    fs.pipe_file(f"{bucket}/data/clts/c/W_enc_0.safetensors", b"half an upload")
+    with pytest.raises(StorageError, match="no MANIFEST.json"):
+        cache.fetch("clts/c")
+    assert not (cache.local / "clts/c").exists()
+    # a corpus folder uploaded by hand is taken as it is where a folder is expected
+    fs.pipe_file(f"{bucket}/data/corpus/a.txt", b"some text")
+    assert (cache.fetch("corpus", folders=True) / "a.txt").read_bytes() == b"some text"
+    assert cache.glob("corpus/*.txt") == ["corpus/a.txt"]
+    for bad in ("../x", "/etc", "s3://elsewhere/x"):
+        with pytest.raises(StorageError, match="not a path inside the data dir"):
+            cache.fetch(bad)
+
+
+def test_configs_take_an_s3_data_dir(tmp_path, monkeypatch):
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from sparse_circuits.jobs.worker import WorkerConfig  # noqa: PLC0415
+    from sparse_circuits.server.settings import ServerSettings  # noqa: PLC0415
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    settings = ServerSettings(data_dir="s3://lab/shared/")
+    assert settings.data_url == "s3://lab/shared"
+    assert settings.data_dir == tmp_path / "sparse-circuits/data/lab/shared"
+    assert ServerSettings.model_validate(settings.model_dump()) == settings  # round trip
+    worker = WorkerConfig(data_url="s3://lab/shared", data_dir=tmp_path / "cache")
+    assert (worker.data_url, worker.data_dir) == ("s3://lab/shared", tmp_path / "cache")
+    for bad, message in (
+        ({"data_dir": "gs://lab/x"}, "s3://bucket/prefix"),
+        ({"data_dir": "s3://"}, "s3://bucket/prefix"),
+        ({"data_dir": "s3://lab/x", "data_url": "s3://lab/y"}, "give the s3:// prefix once"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            WorkerConfig(**bad)
