@@ -236,6 +236,8 @@ def test_train_clt_over_http_on_ray_killed_mid_run_equals_the_cli(service, ray_h
     assert running["backend"] == "ray" and running["backend_ref"] == f"sc-{job['id']}-a1"
     pid = _runner_pid(service.data_dir, job["id"], 1)
     assert pid is not None
+    # the record names the runner's process on its Ray node, not the head's address
+    assert (running["host"], running["pid"]) == (socket.gethostname(), pid)
     os.kill(pid, signal.SIGKILL)  # the Ray job's process dies mid-run
     print(f"SIGKILL runner pid {pid} (Ray job {running['backend_ref']}) at step {running['step']}")
 
@@ -243,7 +245,11 @@ def test_train_clt_over_http_on_ray_killed_mid_run_equals_the_cli(service, ray_h
     _transcript("ended", done)
     assert done["state"] == "succeeded", done
     assert done["attempts"] == 2 and done["backend_ref"] == f"sc-{job['id']}-a2"
-    assert done["host"] and done["result"] == "clts/ray"
+    assert done["result"] == "clts/ray"
+    assert (done["host"], done["pid"]) == (
+        socket.gethostname(),
+        _runner_pid(service.data_dir, job["id"], 2),
+    )
     assert done["step"] == done["total"] == CLT_CONFIG["steps"]
     assert done["metrics"]["step"] == CLT_CONFIG["steps"] and "nmse" in done["metrics"]
     client = ray_submission.JobSubmissionClient(ray_head)
