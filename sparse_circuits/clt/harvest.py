@@ -50,7 +50,7 @@ from .store import (
     shard_range,
     shard_sums,
     store_keys,
-    to_stored,
+    stored_dtype,
     write_stats,
     zarr_store,
 )
@@ -284,12 +284,14 @@ def _short(v) -> str:
 class ShardWriter:
     """Writes one block's shards whole, on a background thread, then moves the resume point.
 
+    The thread also shuffles the block into its shards, so the forward pass only computes.
     The order (arrays, statistics, then rows_written) is what makes a kill safe: a shard
     counts only once all of it is stored.
     """
 
-    def __init__(self, group: zarr.Group, shard_rows: int, rows_total: int):
+    def __init__(self, group: zarr.Group, shard_rows: int, rows_total: int, dtype: str):
         self.group, self.shard_rows, self.rows_total = group, shard_rows, rows_total
+        self.dtype = dtype
         # opened once: every group[name] is a metadata read, a request on S3
         self.arrays = {
             name: group[name]
@@ -298,9 +300,12 @@ class ShardWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harvest-writer")
         self.pending: Future | None = None
 
-    def submit(self, r0: int, first_shard: int, block: dict[str, np.ndarray], dtype: str) -> None:
+    def submit(
+        self, rows: dict[str, np.ndarray], order: np.ndarray, r0: int, first_shard: int
+    ) -> None:
+        """Store rows [r0, r0 + len(order)) from shard first_shard on: row r0 + i is rows[order[i]]."""
         self.wait()  # one block in flight: memory stays at two blocks
-        self.pending = self.pool.submit(self._write_block, r0, first_shard, block, dtype)
+        self.pending = self.pool.submit(self._write_block, rows, order, r0, first_shard)
 
     def wait(self) -> None:
         if self.pending is not None:
@@ -314,22 +319,20 @@ class ShardWriter:
             self.pool.shutdown(wait=True)
 
     def _write_block(
-        self, r0: int, first_shard: int, block: dict[str, np.ndarray], dtype: str
+        self, rows: dict[str, np.ndarray], order: np.ndarray, r0: int, first_shard: int
     ) -> None:
-        n = block["tokens"].shape[0]
         k = first_shard
-        while k * self.shard_rows < r0 + n:
+        while k * self.shard_rows < r0 + len(order):
             a, b = shard_range(k, self.shard_rows, self.rows_total)
-            self.write_shard(k, {name: v[a - r0 : b - r0] for name, v in block.items()}, dtype)
+            take = order[a - r0 : b - r0]
+            self.write_shard(k, {name: v.take(take, axis=0) for name, v in rows.items()})
             k += 1
 
-    def write_shard(self, k: int, rows: dict[str, np.ndarray], dtype: str) -> None:
+    def write_shard(self, k: int, rows: dict[str, np.ndarray]) -> None:
         a, b = shard_range(k, self.shard_rows, self.rows_total)
         for name, value in rows.items():
             self.arrays[name][a:b] = value
-        sums, sumsq = shard_sums(
-            from_stored(rows["inputs"], dtype), from_stored(rows["targets"], dtype)
-        )
+        sums, sumsq = shard_sums(rows["inputs"], rows["targets"], self.dtype)
         self.arrays["stats/shard_sum"][k] = sums
         self.arrays["stats/shard_sumsq"][k] = sumsq
         self.group.attrs["rows_written"] = b
@@ -350,33 +353,42 @@ def run_block(
 ) -> dict[str, np.ndarray]:
     """Kept rows of the given sequences, in order: inputs/targets [R, L, M] (stored dtype), tokens, doc, pos."""
     device = next(model.parameters()).device
-    L = model.cfg.n_layers
+    L, M = model.cfg.n_layers, model.cfg.d_model
     names = {kind: [hook.format(l=layer) for layer in range(L)] for kind, hook in HOOKS.items()}
     last = names["targets"][-1]
-    parts: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("inputs", "targets", "tokens", "doc", "pos")
-    }
-
+    n_rows = int(keep[seq_ids].sum())
+    rows = {kind: np.empty((n_rows, L, M), stored_dtype(dtype)) for kind in HOOKS}
+    rows |= {name: np.empty(n_rows, dt) for name, dt in ROW_ARRAYS.items()}
+    # 16-bit views of the block's arrays: each layer's activation is cast as it is copied in
+    out = {kind: from_stored(rows[kind], dtype) for kind in HOOKS}  # R,L,M
+    r = 0
     for j in range(0, len(seq_ids), batch_size):
         ids = seq_ids[j : j + batch_size]
         tok = seqs[ids].to(device)  # B,T
         mask = keep[ids]  # B,T
+        n = int(mask.sum())
         # the last target is the last value needed: the rest of the forward (logits) is skipped
         with (
             capture(model, [n for ns in names.values() for n in ns]) as acts,
             stop_after(model, last),
         ):
             model(tok)
-        mask_d = mask.to(device)
+        every = n == mask.numel()
+        flat = mask.reshape(-1).to(device)  # B*T
         for kind, ns in names.items():
-            x = torch.stack([acts[n] for n in ns], dim=2)  # B,T,L,M
-            parts[kind].append(to_stored(x[mask_d], dtype))  # R,L,M
+            for layer, name in enumerate(ns):
+                x = acts[name].reshape(-1, M)  # B*T,M
+                x = x if every else x[flat]
+                if x.device.type != "cpu":  # 16 bits over the bus
+                    x = x.to(out[kind].dtype)
+                out[kind][r : r + n, layer].copy_(x)
         B, T = mask.shape
-        parts["tokens"].append(tok.cpu()[mask].numpy().astype(np.int32))
-        parts["doc"].append(ids[:, None].expand(B, T)[mask].numpy().astype(np.int64))
-        parts["pos"].append(torch.arange(T).expand(B, T)[mask].numpy().astype(np.int32))
-        on_rows(int(mask.sum()))
-    return {k: np.concatenate(v) for k, v in parts.items()}
+        rows["tokens"][r : r + n] = tok.cpu()[mask].numpy()
+        rows["doc"][r : r + n] = ids[:, None].expand(B, T)[mask].numpy()
+        rows["pos"][r : r + n] = torch.arange(T).expand(B, T)[mask].numpy()
+        r += n
+        on_rows(n)
+    return rows
 
 
 class BlockProgress:
@@ -457,7 +469,7 @@ def harvest(config: HarvestConfig) -> StoreURL:
         log.info(
             "resuming %s at shard %d (%d of %d rows written)", url, first_shard, start, rows_total
         )
-    writer = ShardWriter(group, shard_rows, rows_total)
+    writer = ShardWriter(group, shard_rows, rows_total, config.dtype)
     t0 = time.perf_counter()
     # all rows written (killed while finishing): nothing to recompute
     first_block = first_shard // config.shuffle_shards if start < rows_total else plan.n_blocks
@@ -472,14 +484,12 @@ def harvest(config: HarvestConfig) -> StoreURL:
                 rows = run_block(
                     model, seqs, keep, seq_ids, config.batch_size, config.dtype, counted
                 )
-                perm = plan.permutation(b, r1 - r0)
-                block = {k: v[skip : skip + r1 - r0][perm] for k, v in rows.items()}
-                # shards of this block already on disk (a resumed run) are not written again
+                # block row i is computed row skip + perm[i]; shards of this block already on
+                # disk (a resumed run) are not written again
+                order = plan.permutation(b, r1 - r0) + skip
                 first = max(b * config.shuffle_shards, first_shard)
                 cut = first * shard_rows - r0
-                writer.submit(
-                    first * shard_rows, first, {k: v[cut:] for k, v in block.items()}, config.dtype
-                )
+                writer.submit(rows, order[cut:], first * shard_rows, first)
         finally:
             writer.close()
     elapsed = time.perf_counter() - t0

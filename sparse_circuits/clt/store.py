@@ -23,7 +23,9 @@ rows_total, rows_written (the resume point: rows in complete shards), complete, 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+import os
+import threading
+from typing import Any, Literal, NamedTuple
 
 import google_crc32c
 import numpy as np
@@ -211,13 +213,6 @@ def stored_dtype(activation_dtype: str) -> np.dtype:
     raise StoreError(f"unknown activation_dtype {activation_dtype!r} (float16 or bfloat16)")
 
 
-def to_stored(x: torch.Tensor, activation_dtype: ActivationDtype) -> np.ndarray:
-    """A tensor as the numpy array the store holds (bf16 as its uint16 bit pattern)."""
-    if activation_dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return x.to(torch.float16).cpu().numpy()
-
-
 def stored_as_float32(a: np.ndarray, activation_dtype: ActivationDtype) -> np.ndarray:
     """Stored rows as float32 on the CPU; bf16 by a 16-bit shift (bf16 is fp32's top half),
     several times faster here than torch's bf16 -> fp32 cast."""
@@ -269,22 +264,90 @@ def activation_codecs(chunk_shape: tuple[int, ...]) -> ShardingCodec:
     return ShardingCodec(chunk_shape=chunk_shape, codecs=checked, index_codecs=checked)
 
 
+class BufferPool:
+    """Byte buffers reused from one shard read to the next.
+
+    A fresh allocation of a shard's size costs a page fault per 4 KiB on every read (about
+    a third of a page-cache read); a buffer handed back is filled again instead.
+    """
+
+    def __init__(self, keep: int):
+        self.keep, self.free, self.lock = keep, [], threading.Lock()
+
+    def take(self, size: int) -> np.ndarray:
+        with self.lock:
+            for i, buf in enumerate(self.free):
+                if len(buf) >= size:
+                    return self.free.pop(i)
+        return np.empty(size, dtype=np.uint8)
+
+    def give(self, buf: np.ndarray) -> None:
+        with self.lock:
+            if len(self.free) < self.keep:
+                self.free.append(buf)
+
+
+class ShardRows(NamedTuple):
+    """A shard's rows as consecutive views [n, L, M] (its inner chunks, in row order)."""
+
+    chunks: list[np.ndarray]
+    buffer: np.ndarray | None  # the pooled bytes they view: given back once copied out
+
+
 def read_shard(arr: zarr.Array, k: int, rows: int) -> np.ndarray:
+    """The first `rows` rows of shard k of a sharded [N, L, M] array, as one array."""
+    return np.concatenate(read_shard_rows(arr, k, rows).chunks)
+
+
+def read_shard_rows(
+    arr: zarr.Array, k: int, rows: int, buffers: BufferPool | None = None
+) -> ShardRows:
     """The first `rows` rows of shard k of a sharded [N, L, M] array, whole shard read once.
 
     For the layout `create_arrays` writes, the shard object is parsed here (index at its
-    end, crc32c on the index and on every inner chunk; the zarr v3 sharding spec): one
-    read and one copy, several times faster than zarr's general decoder. Any other layout
-    goes through zarr. Raises ValueError naming what is wrong with a torn or corrupt shard.
+    end, crc32c on the index and on every inner chunk; the zarr v3 sharding spec) and the
+    rows are views of the bytes read: one read (into a pooled buffer on a local disk), no
+    copy. zarr-python, zarrs and tensorstore decode the same shard several times slower
+    (benchmarks/bench_harvest.py). Any other layout goes through zarr. Raises ValueError
+    naming what is wrong with a torn or corrupt shard.
     """
-    shard_rows, chunk_rows = arr.shards[0], arr.chunks[0]
+    shard_rows = arr.shards[0]
     if arr.metadata.codecs != (activation_codecs(arr.chunks),):
-        return arr[k * shard_rows : k * shard_rows + rows]
+        return ShardRows([arr[k * shard_rows : k * shard_rows + rows]], None)
     key = f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
-    buf = sync(arr.store_path.store.get(key, prototype=default_buffer_prototype()))
+    raw, buffer = _read_object(arr.store_path.store, key, buffers)
+    try:
+        return ShardRows(_parse_shard(raw, key, arr, rows), buffer)
+    except BaseException:
+        if buffer is not None:
+            buffers.give(buffer)
+        raise
+
+
+def _read_object(
+    store, key: str, buffers: BufferPool | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """An object's bytes (uint8) and the pooled buffer holding them (None: not pooled)."""
+    if isinstance(store, LocalStore) and buffers is not None:
+        try:
+            f = open(store.root / key, "rb", buffering=0)  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            raise ValueError(f"object {key!r} does not exist") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            buffer = buffers.take(size)
+            view, done = memoryview(buffer), 0
+            while done < size and (n := f.readinto(view[done:size])):
+                done += n
+        return buffer[:done], buffer
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
     if buf is None:
         raise ValueError(f"object {key!r} does not exist")
-    raw = buf.as_numpy_array()  # uint8
+    return buf.as_numpy_array(), None
+
+
+def _parse_shard(raw: np.ndarray, key: str, arr: zarr.Array, rows: int) -> list[np.ndarray]:
+    shard_rows, chunk_rows = arr.shards[0], arr.chunks[0]
     n_chunks = shard_rows // chunk_rows
     index_bytes = 16 * n_chunks + 4
     if len(raw) < index_bytes or not _crc_ok(raw[-index_bytes:]):
@@ -292,7 +355,7 @@ def read_shard(arr: zarr.Array, k: int, rows: int) -> np.ndarray:
     index = raw[-index_bytes:-4].view("<u8").reshape(n_chunks, 2)  # (offset, nbytes) per chunk
     inner = arr.chunks[1:]
     chunk_bytes = chunk_rows * math.prod(inner) * arr.dtype.itemsize + 4
-    out = np.empty((rows, *inner), dtype=arr.dtype)
+    chunks = []
     for i in range(math.ceil(rows / chunk_rows)):
         offset, nbytes = (int(v) for v in index[i])
         if (
@@ -302,13 +365,9 @@ def read_shard(arr: zarr.Array, k: int, rows: int) -> np.ndarray:
         ):
             raise ValueError(f"object {key!r}: inner chunk {i} is missing, torn or corrupt")
         n = min(chunk_rows, rows - i * chunk_rows)
-        data = (
-            raw[offset : offset + nbytes - 4]
-            .view(arr.dtype.newbyteorder("<"))
-            .reshape(chunk_rows, *inner)
-        )
-        out[i * chunk_rows : i * chunk_rows + n] = data[:n]
-    return out
+        data = raw[offset : offset + nbytes - 4].view(arr.dtype.newbyteorder("<"))
+        chunks.append(data.reshape(chunk_rows, *inner)[:n])
+    return chunks
 
 
 def _crc_ok(block: np.ndarray) -> bool:
@@ -319,11 +378,19 @@ def _crc_ok(block: np.ndarray) -> bool:
 # ----------------------------------------------------------------------------- statistics
 
 
-def shard_sums(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer sum [2, L, M] and summed squared norm [2, L] over one shard's rows (R, L, M)."""
-    sums = [x.sum(0, dtype=torch.float64) for x in (inputs, targets)]  # L,M each
-    sumsq = [x.float().pow(2).sum((0, 2), dtype=torch.float64) for x in (inputs, targets)]  # L each
-    return torch.stack(sums).numpy(), torch.stack(sumsq).numpy()
+def shard_sums(
+    inputs: np.ndarray, targets: np.ndarray, activation_dtype: ActivationDtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer sum [2, L, M] and summed squared norm [2, L] over one shard's stored rows (R, L, M).
+
+    Accumulated in float64; the squares of 16-bit values are exact in float32.
+    """
+    sums, sumsq = [], []
+    for stored in (inputs, targets):
+        x = stored_as_float32(stored, activation_dtype)  # R,L,M
+        sums.append(x.sum(0, dtype=np.float64))  # L,M
+        sumsq.append(np.square(x).sum((0, 2), dtype=np.float64))  # L
+    return np.stack(sums), np.stack(sumsq)
 
 
 def reduce_stats(sum_: np.ndarray, sumsq: np.ndarray, n_rows: int) -> dict[str, np.ndarray]:
