@@ -263,9 +263,13 @@ def tensorstore_reader(url: str, options: dict | None) -> Callable[[], int] | st
             }
             for name in ARRAYS
         }  # fmt: skip
+        # credentials from the environment only (the default chain also looks for ~/.aws)
+        context = {"aws_credentials": {"type": "environment"}}
     else:
         kvstores = {name: {"driver": "file", "path": f"{url}/{name}/"} for name in ARRAYS}
-    context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})  # no cache: every read reads
+        context = {}
+    # no cache: every read reads
+    context = ts.Context({**context, "cache_pool": {"total_bytes_limit": 0}})
 
     def read() -> int:
         return sum(

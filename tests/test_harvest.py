@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -108,6 +109,10 @@ def test_float16_and_every_token(tmp_path, tiny_model_dir, token_file):
     group = zarr.open_group(str(out), mode="r")
     assert group.attrs["rows_total"] == 40 * 16 and group["inputs"].dtype == np.float16
     assert (group["pos"][...] == 0).sum() == 40
+    batches = list(ActivationLoader(str(out), batch_size=100))  # float16 widened on the way out
+    got = np.sort(np.concatenate([x.numpy() for x, _ in batches]).reshape(640, -1), axis=0)
+    want = np.sort(group["inputs"][...].astype(np.float32).reshape(640, -1), axis=0)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_rerun_of_complete_store_returns_its_metrics(local_store, tiny_model_dir, token_file):
@@ -322,6 +327,46 @@ def test_loader_normalises_with_store_stats(local_store):
     for z in (torch.cat(xs), torch.cat(ys)):  # N,L,M
         torch.testing.assert_close(z.mean(0), torch.zeros(2, 16), atol=1e-4, rtol=0)
         torch.testing.assert_close(z.pow(2).mean((0, 2)), torch.ones(2), atol=1e-4, rtol=0)
+
+
+def test_stored_batches_are_the_batches_before_widening(local_store):
+    """The 16-bit hand-over and the float32 batches hold the same rows; widening is exact and
+    normalising is (x - mean) / scale."""
+    loader = ActivationLoader(
+        str(local_store[0]), batch_size=48, seed=2, shuffle_buffer_rows=128, normalize=True
+    )
+    stored, widened = list(loader.stored_batches()), list(loader)
+    assert len(stored) == len(widened) == len(loader)
+    stats = loader.stats
+    for (x16, y16), (x, y) in zip(stored, widened, strict=True):
+        assert x16.dtype == y16.dtype == torch.bfloat16 and x.dtype == torch.float32
+        for raw, got, name in ((x16, x, "inputs"), (y16, y, "targets")):
+            want = (raw.float() - stats[f"{name}_mean"]) / stats[f"{name}_scale"][:, None]
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_reader_threads_and_read_ahead_leave_the_batches_unchanged(local_store):
+    kw = dict(batch_size=40, epochs=2, seed=4, shuffle_buffer_rows=128)
+    one = list(ActivationLoader(str(local_store[0]), readers=1, prefetch=1, **kw))
+    many = list(ActivationLoader(str(local_store[0]), readers=4, prefetch=6, **kw))
+    assert len(one) == len(many) == 2 * 13
+    for a, b in zip(one, many, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_stopping_early_ends_the_loader_threads(local_store):
+    def loader_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("activation-")]
+
+    assert loader_threads() == []
+    batches = iter(ActivationLoader(str(local_store[0]), batch_size=16, shuffle_buffer_rows=64))
+    next(batches)
+    assert loader_threads()  # the batch thread and its readers are at work
+    batches.close()  # what a training loop that stops early (or is garbage collected) does
+    deadline = time.monotonic() + 10
+    while loader_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert loader_threads() == []
 
 
 def test_loader_drop_last_and_rank_default(local_store):

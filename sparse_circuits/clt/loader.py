@@ -359,6 +359,8 @@ class ActivationLoader:
                     return False
             return True
 
+        if widen:  # a setting of this thread only: no second OpenMP team beside the training's
+            torch.set_num_threads(1)
         reads = None
         try:
             events = self.schedule()
