@@ -1,6 +1,8 @@
 """The CLT module: straight-through gradients against the Jumping Ahead formulas, BatchTopK's
-JumpReLU conversion on held-out data, the per-layer special case, and the reconstruction
-against circuit-tracer's formula evaluated by hand on the exported per-layer files."""
+JumpReLU conversion on held-out data, the per-layer special case, the reconstruction
+against circuit-tracer's formula evaluated by hand on the exported per-layer files, and the
+fused training forward (dense and sparse decoders) against the stages and formulas, outputs
+and gradients."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 
 from sparse_circuits.clt.cltdir import load_clt, save_clt
 from sparse_circuits.clt.model import (
+    SPARSE_DECODE_MAX_DENSITY,
     CLTConfig,
     CrossLayerTranscoder,
     jumprelu,
@@ -232,3 +235,105 @@ def test_counts_and_config_errors():
         0.2,
         rel_tol=1e-6,
     )
+
+
+# ----------------------------------------------------------------------------- the training forward
+
+
+def reference_forward(clt: CrossLayerTranscoder, x, y, dead):
+    """The training forward spelled out from the stages and the module docstring's formulas,
+    batch-major and unfused: what the fast path must equal."""
+    cfg = clt.cfg
+    n_layers = cfg.n_layers
+    pre = torch.einsum("blm,lfm->blf", x, clt.W_enc) + clt.b_enc
+    a = clt.activate(pre)
+
+    def decode(features, bias):
+        out = []
+        for k in range(n_layers):
+            y_k = clt.b_dec[k] if bias else torch.zeros(cfg.d_model)
+            for i in range(k + 1):
+                if k - i < clt.W_dec[i].shape[1]:
+                    y_k = y_k + features[:, i] @ clt.W_dec[i][:, k - i]
+            out.append(y_k.expand(features.shape[0], -1))
+        return torch.stack(out, 1)
+
+    recon = decode(a, True)
+    var = (y - y.mean(0)).pow(2).mean((0, 2))
+    nmse = ((recon - y).pow(2).mean((0, 2)) / var).mean()
+    norms = torch.stack([W.flatten(1).norm(dim=1) for W in clt.W_dec])  # L,F
+    sparsity = torch.tanh(cfg.sparsity_c * a * norms).sum((1, 2)).mean()
+    preact = (torch.relu(-pre) * norms).sum((1, 2)).mean()
+    auxk = torch.zeros(())
+    if cfg.activation in ("topk", "batchtopk") and dead.any():
+        k_aux = min(cfg.k_aux or cfg.d_model // 2, cfg.d_features)
+        values, index = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
+        aux = torch.zeros_like(pre).scatter(-1, index, values.relu())
+        residual = (y - recon).detach()
+        scale = (dead.sum() / (k_aux * n_layers)).clamp(max=1.0)
+        auxk = scale * ((decode(aux, False) - residual).pow(2).mean((0, 2)) / var).mean()
+    return recon, a, pre, nmse, sparsity, preact, auxk
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"activation": "relu"},
+        {"activation": "jumprelu", "bandwidth": 0.5},
+        {"activation": "jumprelu", "bandwidth": 0.5, "cross_layer": False},
+        {"activation": "topk", "k": 3, "sparse_decode": "always"},
+        {"activation": "topk", "k": 3, "sparse_decode": "never"},
+        {"activation": "topk", "k": 3, "sparse_decode": "always", "cross_layer": False},
+        {"activation": "batchtopk", "k": 3, "sparse_decode": "always"},
+        {"activation": "batchtopk", "k": 3, "sparse_decode": "never"},
+        {"activation": "batchtopk", "k": 3, "batchtopk_scope": "all"},
+    ],
+    ids=lambda kw: "-".join(str(v) for v in kw.values()),
+)
+def test_training_forward_equals_the_stages_outputs_and_gradients(kw):
+    clt = make_clt(**kw, k_aux=5)
+    B = 48
+    x, y = torch.randn(B, L, M), torch.randn(B, L, M)
+    dead = torch.rand(L, F) < 0.4
+    weights = [torch.randn(()) for _ in range(4)]  # every loss term reaches the parameters
+    feature_weight = torch.randn(B, L, F)  # and the features output its own gradient
+
+    def loss_and_grads(outputs):
+        recon, a, _, nmse, sparsity, preact, auxk = outputs
+        loss = nmse + weights[0] * sparsity + weights[1] * preact + weights[2] * auxk
+        loss = loss + weights[3] * (recon.sum() / B + (a * feature_weight).sum() / B)
+        clt.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in clt.named_parameters()}
+
+    fast = clt(x, y, dead=dead)
+    fast_grads = loss_and_grads(fast)
+    ref = reference_forward(clt, x, y, dead[:, None].expand(L, B, F).transpose(0, 1))
+    ref_grads = loss_and_grads(ref)
+    for name, got, want in zip(fast._fields, fast, ref, strict=True):
+        torch.testing.assert_close(
+            got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    for name, want in ref_grads.items():
+        assert want.abs().max() > 0, f"{name} got no gradient: the comparison would prove nothing"
+        torch.testing.assert_close(
+            fast_grads[name], want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"∂{n}: {m}"
+        )
+    if kw["activation"] in ("topk", "batchtopk") and kw.get("batchtopk_scope") != "all":
+        assert fast.auxk > 0  # the dead features' decoder path was exercised
+    with torch.no_grad():  # inference (no targets) takes the stages' activation
+        plain = clt(x)
+        torch.testing.assert_close(plain.reconstruction, ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(clt.decode(ref[1]), ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decoder_is_chosen_by_the_active_fraction():
+    def cfg(**kw):
+        return CLTConfig(n_layers=2, d_model=8, d_features=1024, **kw)
+
+    dense_k = int(SPARSE_DECODE_MAX_DENSITY * 1024) + 1
+    assert cfg(activation="topk", k=8).decodes_sparse
+    assert not cfg(activation="topk", k=dense_k).decodes_sparse
+    assert cfg(activation="batchtopk", k=dense_k, sparse_decode="always").decodes_sparse
+    assert not cfg(activation="topk", k=8, sparse_decode="never").decodes_sparse
+    assert not cfg(activation="jumprelu", sparse_decode="always").decodes_sparse

@@ -28,6 +28,16 @@ BatchTopK under DDP (`distributed_batch`) selects over the global batch, as one 
 the same batch would: each rank offers its largest pre-activations, the global B·k-th largest
 becomes a threshold, and each rank keeps its values at or above it (ties aside, the same set).
 
+The training forward (`forward` with targets) computes the same values as the stages
+`encode` → `activate` → `decode` and the formulas above, in a layout and a few fused
+operations chosen for speed (the tests hold it equal to the stages, outputs and gradients):
+pre-activations layer-major (L,B,F: one batched GEMM with the bias, every layer's slice
+contiguous); ReLU/JumpReLU and both penalties in one autograd function whose backward makes a
+handful of passes over L,B,F; the decoder as one GEMM per source layer into (and, backward,
+out of) strided views of one output, no stacking or per-layer copies. TopK/BatchTopK decode
+only the selected rows of each W_dec[i] (an embedding bag weighted by the activations) where
+that is faster than the dense GEMMs (`CLTConfig.sparse_decode`).
+
 JumpReLU follows Rajamanoharan et al. 2024 ("Jumping Ahead"): a = z · H(z - θ) with a
 learned θ = exp(log_threshold) and straight-through pseudo-derivatives through a rectangle
 kernel K(u) = 1[|u| < 1/2] of bandwidth ε:
@@ -46,6 +56,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 Activation = Literal["relu", "jumprelu", "topk", "batchtopk"]
+
+# Active fraction k/F up to which decoding the selected rows beats the dense decoder GEMMs
+# (fwd + bwd, fp32, one CPU thread, `benchmarks/bench_clt.py --decoder-sweep`): the sparse
+# path moves B·k rows of K·M floats three times, the dense one does 3·B·F·K·M multiply-adds.
+SPARSE_DECODE_MAX_DENSITY = 1 / 8
 
 
 class CLTConfig(BaseModel):
@@ -81,6 +96,11 @@ class CLTConfig(BaseModel):
     k_aux: int | None = Field(
         None, gt=0, description="Dead features per token and layer in AuxK; default d_model // 2."
     )
+    sparse_decode: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="topk/batchtopk training: decode from the k selected rows of W_dec ('always'), "
+        "with dense GEMMs ('never'), or 'auto': sparse where k/F <= SPARSE_DECODE_MAX_DENSITY.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CLTConfig:
@@ -92,6 +112,15 @@ class CLTConfig(BaseModel):
             if self.k > self.d_features:
                 raise ValueError(f"k={self.k} exceeds d_features={self.d_features}")
         return self
+
+    @property
+    def decodes_sparse(self) -> bool:
+        """Whether training decodes TopK/BatchTopK features from their selected rows only."""
+        if self.activation not in ("topk", "batchtopk") or self.sparse_decode == "never":
+            return False
+        return (
+            self.sparse_decode == "always" or self.k / self.d_features <= SPARSE_DECODE_MAX_DENSITY
+        )
 
     @property
     def decoder_layers(self) -> list[int]:
@@ -212,6 +241,155 @@ def batchtopk_activation(
     return torch.zeros_like(flat).scatter(0, indices, values.relu()).view(B, L, F)
 
 
+# ----------------------------------------------------------------------------- training kernels
+# The training forward's fused pieces. Every tensor here is layer-major: pre, a [L,B,F].
+
+
+class GatedPenaltiesFunction(torch.autograd.Function):
+    """ReLU/JumpReLU features and the sums of both penalties in one pass-lean function:
+        a = pre · 1[pre > θ]                       (θ = 0 for ReLU)
+        S = Σ tanh(c · a · n)      P = Σ ReLU(-pre) · n      (n: decoder norms L,F; sums over L,B,F)
+    Backward, with g = ∂/∂a + ∂S · c·n·(1 - tanh²) the gradient reaching a:
+        ∂pre = g · 1[pre > θ] - ∂P · n · 1[pre < 0]           (θ > 0: the two never overlap)
+        ∂θ   = -(θ/ε) Σ_b g · K((pre - θ)/ε)                  (JumpReLU's straight-through)
+        ∂n   = ∂S · c · Σ_b a · (1 - tanh²) + ∂P · Σ_b ReLU(-pre)
+    """
+
+    @staticmethod
+    def forward(ctx, pre, threshold, dec_norm, c: float, bandwidth: float):
+        L, B, F = pre.shape
+        th = threshold.unsqueeze(1) if threshold is not None else 0.0  # L,1,F
+        on = pre > th  # L,B,F
+        a = pre * on
+        # tanh(c·a·n) is 0 where a is: the sparsity penalty needs the active entries only,
+        # gathered flat (tanh is the dearest elementwise op here). In float32 at least.
+        acc = torch.promote_types(pre.dtype, torch.float32)
+        active = on.view(-1).nonzero().squeeze(1)  # N flat positions l·B·F + b·F + f
+        norm_index = active // (B * F) * F + active % F  # N: l·F + f
+        cn = c * dec_norm.to(acc).view(-1)[norm_index]  # N
+        t = torch.mul(a.view(-1)[active].to(acc), cn).tanh_()  # N
+        sparsity = t.sum()
+        neg_sum = pre.clamp(max=0).sum(1, dtype=acc).neg_()  # L,F: Σ_b ReLU(-pre)
+        preact = (neg_sum * dec_norm.to(acc)).sum()
+        ctx.save_for_backward(pre, threshold, dec_norm, on, a, active, norm_index, t, neg_sum)
+        ctx.c, ctx.bandwidth = c, bandwidth
+        ctx.mark_non_differentiable(on)
+        return a, sparsity, preact
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_s, grad_p):
+        pre, threshold, dec_norm, on, a, active, norm_index, t, neg_sum = ctx.saved_tensors
+        c, eps = ctx.c, ctx.bandwidth
+        L, B, F = pre.shape
+        acc = t.dtype
+        n = dec_norm.to(acc)
+        # g = grad_a + ∂S·c·n·(1 - t²): ∂S·c·n everywhere (t = 0 off the active entries),
+        # less ∂S·c·n·t² on them.
+        g = (grad_s * c * n).unsqueeze(1).expand(L, B, F)
+        g = (g + grad_a if grad_a is not None else g).contiguous()  # L,B,F, our own buffer
+        cn = c * n.view(-1)[norm_index]  # N
+        t2 = t * t
+        g.view(-1).index_add_(0, active, (-grad_s * cn * t2).to(g.dtype))
+        grad_threshold = None
+        if threshold is not None and ctx.needs_input_grad[1]:
+            th = threshold.unsqueeze(1)
+            window = (pre - th).abs_() < eps / 2  # K((pre - θ)/ε) = 1
+            window_sum = (g * window).sum(1)  # L,F (a mask multiply: torch.where is slower on CPU)
+            grad_threshold = (-(threshold / eps) * window_sum).to(threshold.dtype)
+        grad_pre = g.mul_(on)
+        grad_pre.addcmul_(pre < 0, n.unsqueeze(1).to(g.dtype), value=-float(grad_p))
+        grad_pre = grad_pre.to(pre.dtype)
+        grad_norm = None
+        if ctx.needs_input_grad[2]:
+            # Σ_b a·(1 - t²), over the active entries
+            a_sech2 = a.view(-1)[active].to(acc) * (1 - t2)
+            sech2_sum = torch.zeros(L * F, dtype=acc, device=a.device)
+            sech2_sum = sech2_sum.index_add_(0, norm_index, a_sech2).view(L, F)
+            grad_norm = (c * grad_s * sech2_sum + grad_p * neg_sum).to(dec_norm.dtype)
+        return grad_pre, grad_threshold, grad_norm, None, None
+
+
+class DenseDecodeFunction(torch.autograd.Function):
+    """y[:, i + j] = Σ_i a_i · W_dec[i][:, j] (no bias): one GEMM per source layer, accumulated
+    in place into the strided B,K_i·M view of one output; backward reads the same views.
+    a: L,B,F (layer-major).  W_dec[i]: F,K_i,M.  Returns B,L,M in a's dtype."""
+
+    @staticmethod
+    def forward(ctx, a, *W_dec):
+        L, B, F = a.shape
+        M = W_dec[0].shape[-1]
+        y = a.new_empty(B, L, M)
+        for i, W in enumerate(W_dec):
+            K = W.shape[1]
+            out = y[:, i : i + K].view(B, K * M)  # row stride L*M
+            W_i = W.to(a.dtype).view(F, K * M)
+            if i == 0:  # the first source writes every layer it reaches: no zero fill
+                if K < L:
+                    y.zero_()
+                    out.addmm_(a[0], W_i)
+                else:
+                    torch.mm(a[0], W_i, out=out)
+            else:
+                out.addmm_(a[i], W_i)
+        ctx.save_for_backward(a, *W_dec)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        a, *W_dec = ctx.saved_tensors
+        L, B, F = a.shape
+        M = grad_y.shape[-1]
+        grad_y = grad_y.to(a.dtype).contiguous()
+        grad_a = torch.empty_like(a) if ctx.needs_input_grad[0] else None
+        grad_W = []
+        for i, W in enumerate(W_dec):
+            K = W.shape[1]
+            g_i = grad_y[:, i : i + K].view(B, K * M)  # B,K*M
+            if grad_a is not None:
+                torch.mm(g_i, W.to(a.dtype).view(F, K * M).t(), out=grad_a[i])  # B,F
+            if ctx.needs_input_grad[1 + i]:
+                grad_W.append((a[i].t() @ g_i).view(F, K, M).to(W.dtype))  # F,K,M
+            else:
+                grad_W.append(None)
+        return grad_a, *grad_W
+
+
+def sparse_decode(
+    indices: list[torch.Tensor],
+    offsets: list[torch.Tensor],
+    values: list[torch.Tensor],
+    W_dec: Iterable[torch.Tensor],
+    b_dec: torch.Tensor | None,
+    batch: int,
+) -> torch.Tensor:
+    """The decoder from selected rows only: source layer i's token b adds Σ_j v_j · W_dec[i][f_j]
+    over its features f_j (indices[i][offsets[i][b]:offsets[i][b+1]], weights values[i]): B,L,M.
+    One weighted embedding bag per source layer; autograd's backward scatters into the rows
+    used and takes each value's gradient as a dot product with them."""
+    W_dec = list(W_dec)
+    L, M = len(W_dec), W_dec[0].shape[-1]
+    if b_dec is not None:
+        y = b_dec.expand(batch, L, M).clone()
+    else:
+        y = W_dec[0].new_zeros(batch, L, M)
+    for i, W in enumerate(W_dec):
+        F, K, _ = W.shape
+        out_i = nn.functional.embedding_bag(
+            indices[i], W.view(F, K * M), offsets[i], mode="sum",
+            per_sample_weights=values[i].to(W.dtype),
+        )  # fmt: skip
+        y[:, i : i + K] += out_i.view(batch, K, M)  # source i writes to layers i..i+K-1
+    return y
+
+
+def _bags(flat: torch.Tensor, F: int, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat positions b·F + f (any order) of one layer -> (features in token order, offsets
+    B, the order taken)."""
+    flat, order = flat.sort()
+    counts = torch.bincount(flat // F, minlength=B)
+    return flat % F, counts.cumsum(0) - counts, order
+
+
 # ----------------------------------------------------------------------------- the CLT
 
 
@@ -281,15 +459,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode(self, features: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """y_k = Σ_{i≤k} a_i · W_dec[i][:, k-i, :] (+ b_dec[k]): B,L,F -> B,L,M."""
-        B = features.shape[0]
-        L, M = self.cfg.n_layers, self.cfg.d_model
-        parts: list[list[torch.Tensor]] = [[] for _ in range(L)]
-        # unbind, not indexing: its backward is one stack, not a zero-filled B,L,F per layer.
-        for i, (a_i, W) in enumerate(zip(features.unbind(1), self.W_dec, strict=True)):
-            out_i = (a_i @ W.flatten(1)).view(B, W.shape[1], M)  # B,F @ F,K*M -> B,K,M
-            for j, y_ij in enumerate(out_i.unbind(1)):
-                parts[i + j].append(y_ij)
-        y = torch.stack([sum(p[1:], p[0]) for p in parts], dim=1)  # B,L,M
+        y = self._decode_dense(features.transpose(0, 1).contiguous())  # L,B,F in
         return y + self.b_dec if bias else y
 
     # ------------------------------------------------------------------ one layer at a time
@@ -342,42 +512,113 @@ class CrossLayerTranscoder(nn.Module):
         dead: torch.Tensor | None = None,
     ) -> CLTOutput:
         """inputs, targets: B,L,M. target_variance: L, the per-entry variance of each layer's
-        targets (1 for normalised data; default: this batch's). dead: L,F bool (for AuxK)."""
-        pre = self.encode(inputs)  # B,L,F
-        features = self.activate(pre)  # B,L,F
-        recon = self.decode(features)  # B,L,M
+        targets (1 for normalised data; default: this batch's). dead: L,F bool (for AuxK).
+        Computes what `encode`, `activate` and `decode` do, layer-major (module docstring)."""
+        cfg = self.cfg
+        B = inputs.shape[0]
+        # L,B,F: one batched GEMM with the bias; each layer's B,F block contiguous.
+        pre = torch.baddbmm(
+            self.b_enc.unsqueeze(1), inputs.transpose(0, 1), self.W_enc.transpose(1, 2)
+        )
         if targets is None:
-            return CLTOutput(recon, features, pre, None, None, None, None)
+            features = self.activate(pre.transpose(0, 1)).transpose(0, 1).contiguous()  # L,B,F
+            recon = self._decode_dense(features) + self.b_dec
+            return CLTOutput(
+                recon, features.transpose(0, 1), pre.transpose(0, 1), None, None, None, None
+            )
+
+        dec_norm = self.decoder_norms()  # L,F
+        bags = None
+        if cfg.activation in ("relu", "jumprelu"):
+            features, sparsity, preact = GatedPenaltiesFunction.apply(
+                pre, self.threshold, dec_norm, cfg.sparsity_c, cfg.bandwidth
+            )
+        else:
+            features, bags, sparsity = self._select(pre, dec_norm)
+            neg_sum = pre.clamp(max=0).sum(1, dtype=torch.float32)  # L,F: -Σ_b ReLU(-pre)
+            preact = -(neg_sum * dec_norm.float()).sum()
+        sparsity, preact = sparsity / B, preact / B
+        if bags is not None:
+            recon = sparse_decode(*bags, self.W_dec, self.b_dec, B)
+        else:
+            recon = self._decode_dense(features) + self.b_dec  # B,L,M
 
         targets = targets.float()
         if target_variance is None:
             target_variance = (targets - targets.mean(0)).pow(2).mean((0, 2))  # L
         nmse = ((recon.float() - targets).pow(2).mean((0, 2)) / target_variance).mean()
-
-        dec_norm = self.decoder_norms()  # L,F
-        sparsity = (
-            torch.tanh(features.float() * (self.cfg.sparsity_c * dec_norm)).sum((1, 2)).mean()
-        )
-        preact = -(pre.float().clamp(max=0) * dec_norm).sum((1, 2)).mean()
-
         auxk = nmse.new_zeros(())
-        if self.cfg.activation in ("topk", "batchtopk") and dead is not None and bool(dead.any()):
+        if cfg.activation in ("topk", "batchtopk") and dead is not None and bool(dead.any()):
             auxk = self._auxk_loss(pre, recon, targets, target_variance, dead)
-        return CLTOutput(recon, features, pre, nmse, sparsity, preact, auxk)
+        return CLTOutput(
+            recon, features.transpose(0, 1), pre.transpose(0, 1), nmse, sparsity, preact, auxk
+        )
+
+    def _decode_dense(self, features: torch.Tensor) -> torch.Tensor:
+        """L,B,F (layer-major) -> B,L,M without bias."""
+        return DenseDecodeFunction.apply(features, *self.W_dec)
+
+    def _select(self, pre: torch.Tensor, dec_norm: torch.Tensor):
+        """TopK/BatchTopK on layer-major pre-activations (L,B,F): the dense features (L,B,F),
+        the bags for `sparse_decode` when this CLT decodes sparse (else None) and the summed
+        sparsity penalty, Σ tanh(c · a · n) over the selected entries (tanh(0) = 0 elsewhere)."""
+        cfg = self.cfg
+        L, B, F = pre.shape
+        if cfg.activation == "batchtopk" and (
+            cfg.batchtopk_scope == "all" or (self.distributed_batch and dist.is_initialized())
+        ):
+            # Over all layers, or over the global batch: the stage function, densely.
+            features = batchtopk_activation(
+                pre.transpose(0, 1), cfg.k, cfg.batchtopk_scope, self.distributed_batch
+            ).transpose(0, 1)
+            t = torch.tanh(features.float() * (cfg.sparsity_c * dec_norm.float()).unsqueeze(1))
+            return features.contiguous(), None, t.sum()
+        if cfg.activation == "topk":
+            index = pre.detach().topk(cfg.k, dim=-1).indices  # L,B,k
+            values = pre.gather(-1, index).relu()
+            features = torch.zeros_like(pre).scatter(-1, index, values)
+            norms = dec_norm.unsqueeze(1).expand(L, B, F).gather(-1, index)  # L,B,k
+        else:  # batchtopk, the B·k largest of each layer
+            flat = pre.view(L, B * F)
+            index = flat.detach().topk(B * cfg.k, dim=-1).indices  # L,B*k
+            values = flat.gather(-1, index).relu()
+            features = torch.zeros_like(flat).scatter(-1, index, values).view(L, B, F)
+            norms = dec_norm.gather(-1, index % F)  # L,B*k
+        sparsity = torch.tanh(values.float() * (cfg.sparsity_c * norms.float())).sum()
+        if not cfg.decodes_sparse:
+            return features, None, sparsity
+        if cfg.activation == "topk":
+            offsets = torch.arange(0, B * cfg.k, cfg.k, device=pre.device)
+            bags = ([i.reshape(-1) for i in index], [offsets] * L, [v.reshape(-1) for v in values])
+        else:
+            per_layer = [_bags(index[i], F, B) for i in range(L)]
+            bags = (
+                [f for f, _, _ in per_layer],
+                [o for _, o, _ in per_layer],
+                [values[i][order] for i, (_, _, order) in enumerate(per_layer)],
+            )
+        return features, bags, sparsity
 
     def _auxk_loss(self, pre, recon, targets, target_variance, dead) -> torch.Tensor:
-        """Residual reconstructed by each token's top-k_aux dead features (per layer)."""
-        L, F = self.cfg.n_layers, self.cfg.d_features
+        """Residual reconstructed by each token's top-k_aux dead features (per layer).
+        pre: L,B,F (layer-major)."""
+        L, B, F = pre.shape
         k_aux = min(self.cfg.k_aux or self.cfg.d_model // 2, F)
-        dead_pre = pre.masked_fill(~dead, float("-inf"))  # B,L,F
-        values, indices = dead_pre.topk(
-            k_aux, dim=-1
-        )  # B,L,k_aux; -inf where a layer has fewer dead
-        aux_features = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        dead_pre = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))  # L,B,F
+        values, index = dead_pre.topk(k_aux, dim=-1)  # L,B,k_aux; -inf where a layer has fewer dead
+        values = values.relu()
         residual = (targets - recon.float()).detach()  # B,L,M
-        aux_recon = self.decode(aux_features, bias=False).float()
+        if self.cfg.decodes_sparse:
+            offsets = torch.arange(0, B * k_aux, k_aux, device=pre.device)
+            aux_recon = sparse_decode(
+                [i.reshape(-1) for i in index], [offsets] * L, [v.reshape(-1) for v in values],
+                self.W_dec, None, B,
+            )  # fmt: skip
+        else:
+            aux_features = torch.zeros_like(pre).scatter(-1, index, values)
+            aux_recon = self._decode_dense(aux_features)
         scale = (dead.sum() / (k_aux * L)).clamp(max=1.0)
-        return scale * ((aux_recon - residual).pow(2).mean((0, 2)) / target_variance).mean()
+        return scale * ((aux_recon.float() - residual).pow(2).mean((0, 2)) / target_variance).mean()
 
     # ------------------------------------------------------------------ initialisation from data
 
