@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=16, help="for topk/batchtopk")
     ap.add_argument(
         "--sparse-decode", default="auto", choices=["auto", "always", "never"],
-        help="topk/batchtopk: CLTConfig.sparse_decode",
+        help="topk/batchtopk: CrossLayerTranscoder.sparse_decode",
     )  # fmt: skip
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the first round")
@@ -144,13 +144,17 @@ def batch_pool(args: argparse.Namespace, device: torch.device) -> list[tuple[tor
     ]
 
 
-def make_trainer(args, clt_cfg: CLTConfig, device: torch.device, pool, tmp: Path) -> _Trainer:
+def make_trainer(
+    args, clt_cfg: CLTConfig, device: torch.device, pool, tmp: Path, sparse_decode: str = "auto"
+) -> _Trainer:
     config = TrainCLTConfig(
         activations="in-memory", out=tmp, d_features=clt_cfg.d_features, activation=clt_cfg.activation, k=clt_cfg.k,
         batch_size=args.batch, steps=10**6, eval_steps=1, lr_warmup_steps=1, device=str(device),
     )  # fmt: skip
     tmp.mkdir(parents=True, exist_ok=True)
     trainer = _Trainer(config, clt_cfg, device, rank=0, world=1, steps=10**6)
+    if hasattr(trainer.model, "sparse_decode"):
+        trainer.model.sparse_decode = sparse_decode
     trainer.model.init_from_batch(*pool[0], config.init_fire_rate)
     trainer.prepare(progress=False)
     return trainer
@@ -204,7 +208,7 @@ class Reference:
 
 def measure(args: argparse.Namespace, clt_cfg: CLTConfig, device: torch.device, tmp: Path) -> dict:
     pool = batch_pool(args, device)
-    trainer = make_trainer(args, clt_cfg, device, pool, tmp / "clt")
+    trainer = make_trainer(args, clt_cfg, device, pool, tmp / "clt", args.sparse_decode)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the step computes in
     pairs = gemm_operands(clt_cfg, args.batch, dtype, device)
     flops = args.batch * training_flops_per_token(clt_cfg)
@@ -260,7 +264,7 @@ def measure(args: argparse.Namespace, clt_cfg: CLTConfig, device: torch.device, 
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "flops_per_step": flops,
-        "sparse_decoder": clt_cfg.decodes_sparse,
+        "sparse_decoder": getattr(trainer.model, "decodes_sparse", False),
         "rounds": rounds,
         **summary,
     }
@@ -272,7 +276,7 @@ def decoder_sweep(args: argparse.Namespace, device: torch.device, tmp: Path) -> 
     rows = []
     for k in (int(v) for v in args.decoder_sweep.split(",")):
         trainers = {
-            mode: make_trainer(args, clt_config(args, "topk", k, mode), device, pool, tmp / mode)
+            mode: make_trainer(args, clt_config(args, "topk", k), device, pool, tmp / mode, mode)
             for mode in ("always", "never")
         }
         times = {mode: [] for mode in trainers}
@@ -291,14 +295,13 @@ def decoder_sweep(args: argparse.Namespace, device: torch.device, tmp: Path) -> 
     return rows
 
 
-def clt_config(args: argparse.Namespace, activation: str, k: int | None, sparse: str) -> CLTConfig:
+def clt_config(args: argparse.Namespace, activation: str, k: int | None) -> CLTConfig:
     return CLTConfig(
         n_layers=args.layers,
         d_model=args.d_model,
         d_features=args.features,
         activation=activation,
         k=k if activation in ("topk", "batchtopk") else None,
-        sparse_decode=sparse,
     )
 
 
@@ -307,7 +310,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    clt_cfg = clt_config(args, args.activation, args.k, args.sparse_decode)
+    clt_cfg = clt_config(args, args.activation, args.k)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -291,7 +291,10 @@ def reference_forward(clt: CrossLayerTranscoder, x, y, dead):
     ids=lambda kw: "-".join(str(v) for v in kw.values()),
 )
 def test_training_forward_equals_the_stages_outputs_and_gradients(kw):
+    kw = dict(kw)
+    sparse_decode = kw.pop("sparse_decode", "auto")
     clt = make_clt(**kw, k_aux=5)
+    clt.sparse_decode = sparse_decode
     B = 48
     x, y = torch.randn(B, L, M), torch.randn(B, L, M)
     dead = torch.rand(L, F) < 0.4
@@ -328,12 +331,16 @@ def test_training_forward_equals_the_stages_outputs_and_gradients(kw):
 
 
 def test_sparse_decoder_is_chosen_by_the_active_fraction():
-    def cfg(**kw):
-        return CLTConfig(n_layers=2, d_model=8, d_features=1024, **kw)
+    def clt(sparse_decode="auto", **kw):
+        with torch.device("meta"):
+            model = CrossLayerTranscoder(CLTConfig(n_layers=2, d_model=8, d_features=1024, **kw))
+        model.sparse_decode = sparse_decode
+        return model
 
     dense_k = int(SPARSE_DECODE_MAX_DENSITY * 1024) + 1
-    assert cfg(activation="topk", k=8).decodes_sparse
-    assert not cfg(activation="topk", k=dense_k).decodes_sparse
-    assert cfg(activation="batchtopk", k=dense_k, sparse_decode="always").decodes_sparse
-    assert not cfg(activation="topk", k=8, sparse_decode="never").decodes_sparse
-    assert not cfg(activation="jumprelu", sparse_decode="always").decodes_sparse
+    assert clt(activation="topk", k=8).decodes_sparse
+    assert not clt(activation="topk", k=dense_k).decodes_sparse
+    assert clt("always", activation="batchtopk", k=dense_k).decodes_sparse
+    assert not clt("never", activation="topk", k=8).decodes_sparse
+    assert not clt("always", activation="jumprelu").decodes_sparse
+    assert "sparse_decode" not in CLTConfig.model_fields  # not saved with a CLT

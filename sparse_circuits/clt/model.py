@@ -36,7 +36,7 @@ contiguous); ReLU/JumpReLU and both penalties in one autograd function whose bac
 handful of passes over L,B,F; the decoder as one GEMM per source layer into (and, backward,
 out of) strided views of one output, no stacking or per-layer copies. TopK/BatchTopK decode
 only the selected rows of each W_dec[i] (an embedding bag weighted by the activations) where
-that is faster than the dense GEMMs (`CLTConfig.sparse_decode`).
+that is faster than the dense GEMMs (`CrossLayerTranscoder.sparse_decode`).
 
 JumpReLU follows Rajamanoharan et al. 2024 ("Jumping Ahead"): a = z · H(z - θ) with a
 learned θ = exp(log_threshold) and straight-through pseudo-derivatives through a rectangle
@@ -96,11 +96,6 @@ class CLTConfig(BaseModel):
     k_aux: int | None = Field(
         None, gt=0, description="Dead features per token and layer in AuxK; default d_model // 2."
     )
-    sparse_decode: Literal["auto", "always", "never"] = Field(
-        "auto",
-        description="topk/batchtopk training: decode from the k selected rows of W_dec ('always'), "
-        "with dense GEMMs ('never'), or 'auto': sparse where k/F <= SPARSE_DECODE_MAX_DENSITY.",
-    )
 
     @model_validator(mode="after")
     def _check(self) -> CLTConfig:
@@ -112,15 +107,6 @@ class CLTConfig(BaseModel):
             if self.k > self.d_features:
                 raise ValueError(f"k={self.k} exceeds d_features={self.d_features}")
         return self
-
-    @property
-    def decodes_sparse(self) -> bool:
-        """Whether training decodes TopK/BatchTopK features from their selected rows only."""
-        if self.activation not in ("topk", "batchtopk") or self.sparse_decode == "never":
-            return False
-        return (
-            self.sparse_decode == "always" or self.k / self.d_features <= SPARSE_DECODE_MAX_DENSITY
-        )
 
     @property
     def decoder_layers(self) -> list[int]:
@@ -354,7 +340,7 @@ class DenseDecodeFunction(torch.autograd.Function):
         return grad_a, *grad_W
 
 
-def sparse_decode(
+def decode_selected_rows(
     indices: list[torch.Tensor],
     offsets: list[torch.Tensor],
     values: list[torch.Tensor],
@@ -408,6 +394,10 @@ class CrossLayerTranscoder(nn.Module):
             self.log_threshold = nn.Parameter(torch.full((L, F), math.log(cfg.initial_threshold)))
         # BatchTopK over the global batch of a DDP process group (the trainer sets it).
         self.distributed_batch = False
+        # How training decodes TopK/BatchTopK features: from the selected rows of W_dec
+        # ("always"), with dense GEMMs ("never"), or "auto": sparse where k/F is at most
+        # SPARSE_DECODE_MAX_DENSITY. A way of computing, not part of the architecture.
+        self.sparse_decode: Literal["auto", "always", "never"] = "auto"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -417,6 +407,16 @@ class CrossLayerTranscoder(nn.Module):
         nn.init.uniform_(self.W_enc, -1 / math.sqrt(M), 1 / math.sqrt(M))
         for W in self.W_dec:
             nn.init.uniform_(W, -1 / math.sqrt(L * F), 1 / math.sqrt(L * F))
+
+    @property
+    def decodes_sparse(self) -> bool:
+        """Whether training decodes TopK/BatchTopK features from their selected rows only."""
+        cfg = self.cfg
+        if cfg.activation not in ("topk", "batchtopk") or self.sparse_decode == "never":
+            return False
+        if self.sparse_decode == "always":
+            return True
+        return cfg.k / cfg.d_features <= SPARSE_DECODE_MAX_DENSITY
 
     @property
     def num_features(self) -> int:
@@ -539,7 +539,7 @@ class CrossLayerTranscoder(nn.Module):
             preact = -(neg_sum * dec_norm.float()).sum()
         sparsity, preact = sparsity / B, preact / B
         if bags is not None:
-            recon = sparse_decode(*bags, self.W_dec, self.b_dec, B)
+            recon = decode_selected_rows(*bags, self.W_dec, self.b_dec, B)
         else:
             recon = self._decode_dense(features) + self.b_dec  # B,L,M
 
@@ -560,7 +560,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def _select(self, pre: torch.Tensor, dec_norm: torch.Tensor):
         """TopK/BatchTopK on layer-major pre-activations (L,B,F): the dense features (L,B,F),
-        the bags for `sparse_decode` when this CLT decodes sparse (else None) and the summed
+        the bags for `decode_selected_rows` when this CLT decodes sparse (else None) and the summed
         sparsity penalty, Σ tanh(c · a · n) over the selected entries (tanh(0) = 0 elsewhere)."""
         cfg = self.cfg
         L, B, F = pre.shape
@@ -585,7 +585,7 @@ class CrossLayerTranscoder(nn.Module):
             features = torch.zeros_like(flat).scatter(-1, index, values).view(L, B, F)
             norms = dec_norm.gather(-1, index % F)  # L,B*k
         sparsity = torch.tanh(values.float() * (cfg.sparsity_c * norms.float())).sum()
-        if not cfg.decodes_sparse:
+        if not self.decodes_sparse:
             return features, None, sparsity
         if cfg.activation == "topk":
             offsets = torch.arange(0, B * cfg.k, cfg.k, device=pre.device)
@@ -608,9 +608,9 @@ class CrossLayerTranscoder(nn.Module):
         values, index = dead_pre.topk(k_aux, dim=-1)  # L,B,k_aux; -inf where a layer has fewer dead
         values = values.relu()
         residual = (targets - recon.float()).detach()  # B,L,M
-        if self.cfg.decodes_sparse:
+        if self.decodes_sparse:
             offsets = torch.arange(0, B * k_aux, k_aux, device=pre.device)
-            aux_recon = sparse_decode(
+            aux_recon = decode_selected_rows(
                 [i.reshape(-1) for i in index], [offsets] * L, [v.reshape(-1) for v in values],
                 self.W_dec, None, B,
             )  # fmt: skip
