@@ -140,6 +140,16 @@ def _files(root: Path) -> list[Path]:
     )
 
 
+def dir_files(local: Path) -> dict[str, dict[str, Any]]:
+    """What a manifest of the directory `local` names: each file's size and SHA-256."""
+    files = {}
+    for f in _files(local):
+        rel = f.relative_to(local).as_posix()
+        if rel != MANIFEST:
+            files[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    return files
+
+
 def put_dir(
     local: str | os.PathLike,
     url: str,
@@ -161,16 +171,11 @@ def put_dir(
     present = _remote_sizes(fs, root)
     if fs.exists(manifest_path):  # from now on the prefix reads as absent until the new one lands
         fs.rm_file(manifest_path)
-    files, sent = {}, 0
-    for f in _files(local):
-        rel = f.relative_to(local).as_posix()
-        if rel == MANIFEST:
-            continue
-        info = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    files, sent = dir_files(local), 0
+    for rel, info in files.items():
         if previous["files"].get(rel) != info or present.get(rel) != info["size"]:
-            fs.put_file(str(f), f"{root}/{rel}")
+            fs.put_file(str(local / rel), f"{root}/{rel}")
             sent += 1
-        files[rel] = info
     manifest = {"format": MANIFEST_FORMAT, "version": 1, **(extra or {}), "files": files}
     fs.pipe_file(manifest_path, json.dumps(manifest, indent=1).encode())
     fs.invalidate_cache(root)
@@ -402,6 +407,15 @@ class RemoteDataDir:
             self._record(rel, state)
         log.info("uploaded %s to %s", local, self.url_of(rel))
         return state
+
+    def changed_here(self, rel: str) -> bool:
+        """Whether the local copy of `rel` differs from the prefix's (a directory by its files'
+        sizes and hashes; one file: whenever the prefix lacks it)."""
+        local = self.local / _checked_rel(rel)
+        remote = self.remote_state(rel)
+        if local.is_dir():
+            return remote is None or remote.get("manifest", {}).get("files") != dir_files(local)
+        return local.is_file() and remote is None
 
     def glob(self, pattern: str) -> list[str]:
         """The paths (relative to the prefix) of the objects matching `pattern` there."""

@@ -220,3 +220,29 @@ def test_configs_take_an_s3_data_dir(tmp_path, monkeypatch):
     ):
         with pytest.raises(ValidationError, match=message):
             WorkerConfig(**bad)
+
+
+def test_a_job_that_did_not_succeed_uploads_only_what_it_changed(tmp_path, s3_bucket):
+    from sparse_circuits.jobs.remote import upload_job_outputs  # noqa: PLC0415
+
+    bucket, options = s3_bucket
+    remote = storage.RemoteDataDir(f"s3://{bucket}/data", tmp_path / "cache", options)
+    _artifact(remote.local / "models/m", 1)
+    upload_job_outputs(remote, "train-toy", {"out": "models/m"}, state="succeeded",
+                       job_id="first", attempt=1)  # fmt: skip
+    url = f"s3://{bucket}/data/models/m"
+    assert storage.read_manifest(url, options)["state"] == "complete"
+    assert not remote.changed_here("models/m")
+    # a later job refused that out dir (it holds another run) and failed: nothing goes up
+    sent = upload_job_outputs(remote, "train-toy", {"out": "models/m"}, state="failed",
+                              job_id="second", attempt=1)  # fmt: skip
+    assert sent == []
+    assert storage.read_manifest(url, options)["job_id"] == "first"
+    # one stopped after writing a checkpoint goes up, marked partial
+    (remote.local / "models/m/checkpoint.bin").write_bytes(b"step 10")
+    assert remote.changed_here("models/m")
+    sent = upload_job_outputs(remote, "train-toy", {"out": "models/m"}, state="cancelled",
+                              job_id="third", attempt=2)  # fmt: skip
+    manifest = storage.read_manifest(url, options)
+    assert sent == ["models/m"] and "checkpoint.bin" in manifest["files"]
+    assert (manifest["state"], manifest["job_id"], manifest["attempt"]) == ("partial", "third", 2)

@@ -13,7 +13,8 @@ process, does the rest (`storage.RemoteDataDir`):
 2. the stage runs on local paths, unchanged.
 3. after it, whatever its outcome, what it wrote goes up whole: manifest last, naming the job,
    the attempt and `state` (complete, or partial for a cancelled, stopped or failed run), so a
-   half upload never reads as an artifact and a partial one never as a finished one.
+   half upload never reads as an artifact and a partial one never as a finished one. A run that
+   did not succeed and changed nothing uploads nothing.
 
 A run killed outright uploads nothing: the next attempt on this machine resumes from the local
 copy; on another machine, from the last upload (that of the last attempt that ended).
@@ -79,6 +80,10 @@ def upload_job_outputs(
     }
     sent = []
     for rel in job_paths(kind, config).outputs:
+        # a run that did not succeed and changed nothing (it refused an out dir holding another
+        # run, say) leaves the prefix's copy, and what its manifest says of it, as they were
+        if state != "succeeded" and not remote.changed_here(rel):
+            continue
         if remote.upload(rel, extra) is not None:
             sent.append(rel)
     return sent
