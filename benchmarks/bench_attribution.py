@@ -5,22 +5,31 @@ What is compared, each with its own CLT, on prompts of the same lengths:
   dense   - a model with ordinary causal attention
   sparse  - the sparsified model (hard gates: its patterns are exactly zero on closed edges)
 Without model dirs, both are built here at the stdlib LM's shape (GPT-2 family, 4 layers,
-d_model 128, 4 heads, vocab 2048, context 512) with random weights: the sparse one is the
+d_model 128, 4 heads, vocab 2048; context 512 or the longest length asked for) with random weights: the sparse one is the
 dense one with hard gates at the offset that leaves `--connectivity` of the causal pairs
 open, and each gets a random JumpReLU CLT (`--d-features` per layer) whose encoder biases
 make each feature fire on `--fire-rate` of that model's own tokens. With `--model/--clt`
-(dense) and `--sparse-model/--sparse-clt`, trained ones are used instead.
+(dense) and `--sparse-model/--sparse-clt`, trained ones are used instead (for the variants
+in `--variants` only).
 
 Each measurement runs in a fresh subprocess, so that its peak resident memory (ru_maxrss)
 is its own; "added" is that peak minus the process's peak before the graph (model, CLT and
 torch loaded). Lengths are interleaved dense/sparse so a neighbour's load on a shared
 machine hits both alike. Per measurement: the graph (`attribute`, max_feature_nodes rows),
 pruning (0.8 / 0.98) with scores, and attention attribution (head loadings of the pruned
-graph's cross-position edges, QK for the sparse model's top open edges).
+graph's cross-position edges, QK for the sparse model's top open edges). Each row records the
+replacement and completeness scores of the full and the pruned graph, and the share of the
+rows' influence that falls on active features left without rows (what the feature budget
+drops). Several `--max-feature-nodes` values (0: every active feature) and prompt `--offsets`
+into the source text measure how the scores depend on the budget and on the prompt.
+`--memory-limit-gib` caps each measurement's address space: one over it is recorded as failed
+instead of crowding a shared machine.
 
 Run from the repository root:
     python benchmarks/bench_attribution.py                        # CPU, random models
     python benchmarks/bench_attribution.py --model M --clt C --sparse-model S --sparse-clt SC
+    python benchmarks/bench_attribution.py --variants sparse --sparse-model S --sparse-clt SC \
+        --lengths 512 --offsets 0 512 1024 --max-feature-nodes 7500 0    # scores against budget
 With --dense-matmuls, the sparsified model runs a second time with its frozen patterns applied
 as dense matrices: the ratio is what sparse pattern matmuls save.
 Writes benchmarks/results/attribution.json and prints a markdown table.

@@ -14,6 +14,7 @@ gives some) and influence is estimated on the edge list, never on a dense matrix
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -66,24 +67,50 @@ DENSE_ROW_DENSITY = 0.5
 
 
 class _RowBlock(NamedTuple):
-    """The rows of one backward pass over the source columns: a dense float32 matrix, or CSR
-    (int32 column and float32 value per nonzero) when that is smaller."""
+    """The rows of one backward pass over the source columns: dense float32 over the column
+    ranges that hold a nonzero, or CSR (int32 column and float32 value per nonzero) when that
+    is smaller."""
 
     nodes: torch.Tensor  # n  each row's node
     abs_sums: torch.Tensor  # n  Σ |value| over the row
-    dense: torch.Tensor | None  # n,n_cols  (None: CSR)
+    ranges: list[tuple[int, int]] | None  # dense: the column ranges kept, ascending (None: CSR)
+    dense: torch.Tensor | None  # n,W  the kept columns side by side
     crow: torch.Tensor | None  # n+1  offsets of each row's entries
     col: torch.Tensor | None  # nnz  int32, ascending within a row
     val: torch.Tensor | None  # nnz
 
     @classmethod
-    def of(cls, nodes: torch.Tensor, values: torch.Tensor) -> _RowBlock:
+    def of(cls, nodes: torch.Tensor, values: torch.Tensor, segments: list[int]) -> _RowBlock:
+        """Rows `values` (n, n_cols) of `nodes`. segments: column offsets splitting the columns
+        into runs sorted by position (one per source layer and kind): within each, the columns
+        past the block's last nonzero (later positions, which no row here reads) and before its
+        first are not stored."""
         values = values.float().cpu()
         nodes, abs_sums = nodes.long().cpu(), values.abs().sum(1)
-        if int(values.count_nonzero()) >= DENSE_ROW_DENSITY * values.numel():
-            return cls(nodes, abs_sums, values.contiguous(), None, None, None)
+        nonzero = values.ne(0)
+        nnz = int(nonzero.sum())
+        cols = nonzero.any(0)
+        ranges = []
+        for a, b in itertools.pairwise(segments):
+            at = cols[a:b].nonzero()
+            if at.numel():
+                ranges.append((a + int(at[0]), a + int(at[-1]) + 1))
+        width = sum(b - a for a, b in ranges)
+        if nnz >= DENSE_ROW_DENSITY * values.shape[0] * width:
+            dense = (
+                torch.cat([values[:, a:b] for a, b in ranges], dim=1) if ranges else values[:, :0]
+            )
+            return cls(nodes, abs_sums, ranges, dense.contiguous(), None, None, None)
         csr = values.to_sparse_csr()
-        return cls(nodes, abs_sums, None, csr.crow_indices(), csr.col_indices().int(), csr.values())
+        return cls(
+            nodes, abs_sums, None, None, csr.crow_indices(), csr.col_indices().int(), csr.values()
+        )
+
+    def dense_columns(self) -> torch.Tensor:
+        """The global column of each column of `dense`: W."""
+        return torch.cat(
+            [torch.arange(a, b) for a, b in self.ranges] or [torch.zeros(0, dtype=torch.long)]
+        )
 
     def entries(
         self, columns: torch.Tensor | None = None
@@ -91,13 +118,12 @@ class _RowBlock(NamedTuple):
         """(row in the block, column, value) of the nonzero entries, ordered by row then column;
         only the columns where the bool mask `columns` is set, when given."""
         if self.dense is not None:
-            if columns is None:
-                r, c = self.dense.nonzero(as_tuple=True)
-                return r, c, self.dense[r, c]
-            idx = columns.nonzero().squeeze(1)
-            sub = self.dense[:, idx]
-            r, c = sub.nonzero(as_tuple=True)
-            return r, idx[c], sub[r, c]
+            cols, block = self.dense_columns(), self.dense
+            if columns is not None:
+                keep = columns[cols]
+                cols, block = cols[keep], block[:, keep]
+            r, c = block.nonzero(as_tuple=True)
+            return r, cols[c], block[r, c]
         r = torch.repeat_interleave(torch.arange(self.nodes.numel()), self.crow.diff())
         c, v = self.col.long(), self.val
         if columns is not None:
@@ -107,10 +133,12 @@ class _RowBlock(NamedTuple):
 
     def column_mass(self, row_weights: torch.Tensor, n_cols: int) -> torch.Tensor:
         """Σ_rows row_weights[row] · |value[row, col]| for every column: n_cols."""
+        out = torch.zeros(n_cols)
         if self.dense is not None:
-            return row_weights @ self.dense.abs()
+            out[self.dense_columns()] = row_weights @ self.dense.abs()
+            return out
         r = torch.repeat_interleave(torch.arange(self.nodes.numel()), self.crow.diff())
-        return torch.zeros(n_cols).index_add_(0, self.col, row_weights[r] * self.val.abs())
+        return out.index_add_(0, self.col, row_weights[r] * self.val.abs())
 
 
 class _Rows:
@@ -123,13 +151,13 @@ class _Rows:
     Row nodes live in the exploration's node space: columns [0, n_cols) (features, errors,
     embeddings) followed by the logit targets."""
 
-    def __init__(self, n_cols: int):
-        self.n_cols = n_cols
+    def __init__(self, n_cols: int, segments: list[int]):
+        self.n_cols, self.segments = n_cols, segments
         self.blocks: list[_RowBlock] = []
         self.n_rows = 0
 
     def add(self, nodes: torch.Tensor, values: torch.Tensor) -> None:
-        self.blocks.append(_RowBlock.of(nodes, values))
+        self.blocks.append(_RowBlock.of(nodes, values, self.segments))
         self.n_rows += nodes.numel()
 
     def entries(self, columns: torch.Tensor | None = None):
@@ -225,7 +253,7 @@ def attribute(
     )
 
     prefixes = PrefixGraphs(rm, run, batch_size, taps=("mlp_in", "final"))  # all rows inject there
-    rows = _Rows(sources.n_cols)
+    rows = _Rows(sources.n_cols, sources.position_runs())
     W_U = model.lm_head.weight
     directions = torch.stack([t.direction(W_U) for t in logit_targets])  # n_logits,M
     full = prefixes.covering(run.n_pos - 1)
@@ -237,6 +265,7 @@ def attribute(
     weights = logit_weights(logit_targets)
     visited = torch.zeros(N, dtype=torch.bool)
     positions = sources.features[:, 1].cpu()
+    layers = sources.features[:, 0].cpu()
     with progress_bar(total=budget, desc="feature rows", disable=not progress, unit="row") as bar:
         while int(visited.sum()) < budget:
             n_visited = int(visited.sum())
@@ -247,8 +276,13 @@ def attribute(
                 ranked = influence.argsort(descending=True)
                 queue = min(max(update_interval * batch_size, n_visited // 4), budget - n_visited)
                 pending = ranked[~visited[ranked]][:queue]
-            # By position, so that each batch runs on the shortest prefix graph it can.
-            pending = pending[positions[pending].argsort(stable=True)]
+            # By position, so that each batch runs on the shortest prefix graph it can, and
+            # within a prefix by layer, so that a batch's rows read few layers' columns.
+            prefix = torch.searchsorted(
+                torch.tensor(prefixes.lengths), positions[pending], right=True
+            )
+            key = (prefix * rm.cfg.n_layers + layers[pending]) * run.n_pos + positions[pending]
+            pending = pending[key.argsort(stable=True)]
             for s in range(0, pending.numel(), batch_size):
                 idx = pending[s : s + batch_size]
                 frozen = prefixes.covering(int(positions[idx].max()))

@@ -93,6 +93,21 @@ class SourceTable(SourceColumns):
         ).sum(-1)
         return out
 
+    def position_runs(self) -> list[int]:
+        """Column offsets splitting the columns into runs sorted by position: each source
+        layer's features, each layer's errors, the embeddings; the last offset is n_cols."""
+        L, T = self.n_layers, self.n_pos
+        layer = self.features[:, 0].cpu().contiguous()
+        features = torch.searchsorted(layer, torch.arange(L)).tolist()
+        return sorted(
+            {
+                *features,
+                *(self.error_offset + li * T for li in range(L)),
+                self.embed_offset,
+                self.n_cols,
+            }
+        )
+
     def pair_values(self, grads: LeafGrads, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The value of source cols[n] in row rows[n]: n."""
         G, E = grads.mlp_out, grads.embed
