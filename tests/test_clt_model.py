@@ -278,9 +278,16 @@ def reference_forward(clt: CrossLayerTranscoder, x, y, dead):
 @pytest.mark.parametrize(
     "kw",
     [
-        {"activation": "relu"},
-        {"activation": "jumprelu", "bandwidth": 0.5},
-        {"activation": "jumprelu", "bandwidth": 0.5, "cross_layer": False},
+        {"activation": "relu", "sparse_decode": "never"},
+        {"activation": "relu", "sparse_decode": "always"},
+        {"activation": "jumprelu", "bandwidth": 0.5, "sparse_decode": "never"},
+        {"activation": "jumprelu", "bandwidth": 0.5, "sparse_decode": "always"},
+        {
+            "activation": "jumprelu",
+            "bandwidth": 0.5,
+            "cross_layer": False,
+            "sparse_decode": "always",
+        },
         {"activation": "topk", "k": 3, "sparse_decode": "always"},
         {"activation": "topk", "k": 3, "sparse_decode": "never"},
         {"activation": "topk", "k": 3, "sparse_decode": "always", "cross_layer": False},
@@ -342,5 +349,4 @@ def test_sparse_decoder_is_chosen_by_the_active_fraction():
     assert not clt(activation="topk", k=dense_k).decodes_sparse
     assert clt("always", activation="batchtopk", k=dense_k).decodes_sparse
     assert not clt("never", activation="topk", k=8).decodes_sparse
-    assert not clt("always", activation="jumprelu").decodes_sparse
     assert "sparse_decode" not in CLTConfig.model_fields  # not saved with a CLT

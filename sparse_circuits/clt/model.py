@@ -36,7 +36,9 @@ contiguous); ReLU/JumpReLU and both penalties in one autograd function whose bac
 handful of passes over L,B,F; the decoder as one GEMM per source layer into (and, backward,
 out of) strided views of one output, no stacking or per-layer copies. TopK/BatchTopK decode
 only the selected rows of each W_dec[i] (an embedding bag weighted by the activations) where
-that is faster than the dense GEMMs (`CrossLayerTranscoder.sparse_decode`).
+that is faster than the dense GEMMs (`CrossLayerTranscoder.sparse_decode`); so do ReLU/JumpReLU
+on a batch where few features fire (the rows of the active features and of those in the
+threshold's gradient window).
 
 JumpReLU follows Rajamanoharan et al. 2024 ("Jumping Ahead"): a = z · H(z - θ) with a
 learned θ = exp(log_threshold) and straight-through pseudo-derivatives through a rectangle
@@ -57,7 +59,7 @@ from torch import nn
 
 Activation = Literal["relu", "jumprelu", "topk", "batchtopk"]
 
-# Active fraction k/F up to which decoding the selected rows beats the dense decoder GEMMs
+# Active fraction up to which decoding the selected rows beats the dense decoder GEMMs
 # (fwd + bwd, fp32, one CPU thread, `benchmarks/bench_clt.py --decoder-sweep`): the sparse
 # path moves B·k rows of K·M floats three times, the dense one does 3·B·F·K·M multiply-adds.
 SPARSE_DECODE_MAX_DENSITY = 1 / 8
@@ -394,9 +396,10 @@ class CrossLayerTranscoder(nn.Module):
             self.log_threshold = nn.Parameter(torch.full((L, F), math.log(cfg.initial_threshold)))
         # BatchTopK over the global batch of a DDP process group (the trainer sets it).
         self.distributed_batch = False
-        # How training decodes TopK/BatchTopK features: from the selected rows of W_dec
-        # ("always"), with dense GEMMs ("never"), or "auto": sparse where k/F is at most
-        # SPARSE_DECODE_MAX_DENSITY. A way of computing, not part of the architecture.
+        # How training decodes: from the selected rows of W_dec ("always"), with dense GEMMs
+        # ("never"), or "auto": sparse where k/F (TopK/BatchTopK) or the batch's active
+        # fraction (ReLU/JumpReLU) is at most SPARSE_DECODE_MAX_DENSITY. A way of computing,
+        # not part of the architecture.
         self.sparse_decode: Literal["auto", "always", "never"] = "auto"
         self.reset_parameters()
 
@@ -410,7 +413,8 @@ class CrossLayerTranscoder(nn.Module):
 
     @property
     def decodes_sparse(self) -> bool:
-        """Whether training decodes TopK/BatchTopK features from their selected rows only."""
+        """Whether training decodes TopK/BatchTopK features from their selected rows only
+        (ReLU/JumpReLU choose per batch, on the fraction active)."""
         cfg = self.cfg
         if cfg.activation not in ("topk", "batchtopk") or self.sparse_decode == "never":
             return False
@@ -533,6 +537,8 @@ class CrossLayerTranscoder(nn.Module):
             features, sparsity, preact = GatedPenaltiesFunction.apply(
                 pre, self.threshold, dec_norm, cfg.sparsity_c, cfg.bandwidth
             )
+            if self.sparse_decode != "never":
+                bags = self._gated_bags(pre, features)
         else:
             features, bags, sparsity = self._select(pre, dec_norm)
             neg_sum = pre.clamp(max=0).sum(1, dtype=torch.float32)  # L,F: -Σ_b ReLU(-pre)
@@ -557,6 +563,30 @@ class CrossLayerTranscoder(nn.Module):
     def _decode_dense(self, features: torch.Tensor) -> torch.Tensor:
         """L,B,F (layer-major) -> B,L,M without bias."""
         return DenseDecodeFunction.apply(features, *self.W_dec)
+
+    def _gated_bags(self, pre: torch.Tensor, features: torch.Tensor):
+        """ReLU/JumpReLU features (L,B,F) as bags for `decode_selected_rows`, or None where
+        the dense decoder is due ('auto' and more than SPARSE_DECODE_MAX_DENSITY of them in
+        the bags). The bags hold every entry whose feature gradient is used: the active ones
+        and, for JumpReLU's threshold gradient, those in the window below θ (pre > θ - ε/2,
+        with weight 0)."""
+        L, B, F = pre.shape
+        cfg = self.cfg
+        cut = 0.0
+        if cfg.activation == "jumprelu":
+            cut = (self.threshold.detach() - cfg.bandwidth / 2).unsqueeze(1)  # L,1,F
+        used = (pre.detach() > cut).view(-1).nonzero().squeeze(1)  # l·B·F + b·F + f, sorted
+        if self.sparse_decode == "auto" and used.numel() > SPARSE_DECODE_MAX_DENSITY * pre.numel():
+            return None
+        values = features.view(-1)[used]
+        per_layer = torch.bincount(used // (B * F), minlength=L).tolist()
+        index, offsets = [], []
+        for layer, flat in enumerate(used.split(per_layer)):
+            flat = flat - layer * B * F  # b·F + f, in token order
+            counts = torch.bincount(flat // F, minlength=B)
+            index.append(flat % F)
+            offsets.append(counts.cumsum(0) - counts)
+        return index, offsets, list(values.split(per_layer))
 
     def _select(self, pre: torch.Tensor, dec_norm: torch.Tensor):
         """TopK/BatchTopK on layer-major pre-activations (L,B,F): the dense features (L,B,F),
