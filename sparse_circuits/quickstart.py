@@ -104,7 +104,7 @@ def _steps(p: Paths, device: str) -> list[Step]:
     from .clt.evaluate import EvalCLTConfig, eval_clt  # noqa: PLC0415
     from .clt.harvest import HarvestConfig, harvest  # noqa: PLC0415
     from .clt.store import store_complete  # noqa: PLC0415
-    from .clt.train import TrainCLTConfig, train_clt  # noqa: PLC0415
+    from .clt.train import DEFAULT_EXPANSION, DEFAULT_K, TrainCLTConfig, train_clt  # noqa: PLC0415
     from .sparse_attention.sparsify import SparsifyConfig, sparsify  # noqa: PLC0415
     from .sparse_attention.train import ToyTrainConfig, train_toy  # noqa: PLC0415
 
@@ -128,11 +128,10 @@ def _steps(p: Paths, device: str) -> list[Step]:
         Step("harvest: the sparsified model's MLP inputs and outputs into zarr", "<1 min",
              lambda: store_complete(str(p.acts)),
              lambda: harvest(HarvestConfig(model=p.sparse, out=str(p.acts), device=device))),
-        Step("train-clt: a cross-layer transcoder (BatchTopK, 256 features a layer)", "~2 min",
+        Step(f"train-clt: a cross-layer transcoder (defaults: BatchTopK, k = {DEFAULT_K}, "
+             f"{DEFAULT_EXPANSION} × d_model features a layer)", "~4 min",
              lambda: run_complete(p.clt),
-             lambda: train_clt(TrainCLTConfig(
-                 activations=str(p.acts), out=p.clt, d_features=256, batch_size=512, steps=1500,
-                 activation="batchtopk", k=8, device=device))),
+             lambda: train_clt(TrainCLTConfig(activations=str(p.acts), out=p.clt, device=device))),
         Step("eval-clt: reconstruction, and the model with its MLPs replaced", "<1 min",
              evaluated,
              lambda: eval_clt(EvalCLTConfig(clt=p.clt, model=p.sparse, device=device))),

@@ -1,6 +1,7 @@
-"""CLT training: a known sparse dictionary is learnt, the saved CLT works on raw activations,
-a SIGKILLed run resumes to the same weights, two gloo ranks match one process, and the CLI
-trains on a harvested store."""
+"""CLT training: the default schedule follows the store's and the dictionary's sizes (and warns
+when a run is too short), a known sparse dictionary is learnt, the saved CLT works on raw
+activations, a SIGKILLed run resumes to the same weights, two gloo ranks match one process, and
+the CLI trains on a harvested store."""
 
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ from sparse_circuits.cli import main
 from sparse_circuits.clt.cltdir import load_clt
 from sparse_circuits.clt.harvest import HarvestConfig, harvest
 from sparse_circuits.clt.model import CLTConfig, CrossLayerTranscoder
-from sparse_circuits.clt.train import TrainCLTConfig, _train, learning_rate, update_dead_counters
+from sparse_circuits.clt.train import (
+    TrainCLTConfig,
+    _train,
+    default_steps,
+    learning_rate,
+    resolve_schedule,
+    update_dead_counters,
+    warn_if_too_short,
+)
 from sparse_circuits.io import load_checkpoint, read_json
 
 
@@ -124,6 +133,67 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
         60, peak=1.0, warmup_steps=10, total_steps=110, decay="linear", min_ratio=0.0
     )
     assert linear == pytest.approx(0.5)
+
+
+def test_default_steps_follow_the_store_and_the_dictionary():
+    cfg = TrainCLTConfig(activations="a", out="c", tokens_per_feature=400, max_passes=20)
+    toy = 4 * 512  # L × F of a dictionary of 512 features a layer on the addition toy
+    needed = math.ceil(400 * toy / 1024)  # 800 steps
+    # A small store is read several times until the dictionary has its tokens ...
+    assert default_steps(cfg, n_features=toy, batches_per_pass=70) == needed
+    # ... a bigger dictionary needs more of them ...
+    assert default_steps(cfg, n_features=toy * 3 // 2, batches_per_pass=70) == needed * 3 // 2
+    # ... a large store is read once, whole ...
+    assert default_steps(cfg, n_features=toy, batches_per_pass=100_000) == 100_000
+    # ... and a tiny one at most max_passes times.
+    assert default_steps(cfg, n_features=toy, batches_per_pass=10) == 200
+    assert (
+        default_steps(
+            cfg.model_copy(update={"max_passes": 2.5}), n_features=toy, batches_per_pass=10
+        )
+        == 25
+    )
+
+
+def test_warm_ups_and_dead_window_are_fractions_of_the_run_unless_set():
+    cfg = TrainCLTConfig(activations="a", out="c", batch_size=1000, tokens_per_feature=400)
+    short, long = resolve_schedule(cfg, 800, 2048), resolve_schedule(cfg, 1_000_000, 2048)
+    assert (short.lr_warmup_steps, short.sparsity_warmup_steps) == (40, 640)
+    assert (long.lr_warmup_steps, long.sparsity_warmup_steps) == (1000, 800_000)
+    # a tenth of the run's tokens, within [1e5, 1e7]
+    assert short.dead_feature_tokens == 100_000 and long.dead_feature_tokens == 10_000_000
+    assert resolve_schedule(cfg, 20_000, 2048).dead_feature_tokens == 2_000_000
+    assert short.needed_steps == math.ceil(400 * 2048 / 1000)
+    given = cfg.model_copy(
+        update={"lr_warmup_steps": 7, "sparsity_warmup_steps": 0, "dead_feature_tokens": 5}
+    )
+    assert resolve_schedule(given, 800, 2048)[1:4] == (7, 0, 5)
+
+
+def test_a_run_too_short_for_its_dictionary_warns_naming_the_fix(caplog):
+    cfg = TrainCLTConfig(activations="a", out="c", tokens_per_feature=400)
+    enough = resolve_schedule(cfg, 800, 2048)
+    assert not warn_if_too_short(cfg, enough, 2048, rows=71_680) and not caplog.records
+    assert warn_if_too_short(cfg, resolve_schedule(cfg, 70, 2048), 2048, rows=71_680)
+    assert "71,680 rows" in caplog.text and "harvest more rows" in caplog.text
+    caplog.clear()
+    fixed = cfg.model_copy(update={"steps": 70})
+    assert warn_if_too_short(fixed, resolve_schedule(fixed, 70, 2048), 2048)
+    assert "--steps 70" in caplog.text and "35 tokens to each of 2048" in caplog.text
+
+
+def test_defaults_are_batchtopk_with_a_default_k():
+    cfg = TrainCLTConfig(activations="a", out="c")
+    assert (cfg.activation, cfg.sparsity_coefficient) == ("batchtopk", 0.0)
+    clt = cfg.clt_config(4, 128)
+    assert (clt.activation, clt.d_features, clt.k) == ("batchtopk", 512, 12)
+    assert cfg.clt_config(2, 16).k == 8  # at most d_features / 8 ...
+    assert TrainCLTConfig(activations="a", out="c", d_features=32).clt_config(2, 16).k == 4
+    assert (
+        TrainCLTConfig(activations="a", out="c", k=30).clt_config(4, 128).k == 30
+    )  # ... unless set
+    jumprelu = TrainCLTConfig(activations="a", out="c", activation="jumprelu")
+    assert jumprelu.clt_config(4, 128).k is None and jumprelu.sparsity_coefficient == 1e-3
 
 
 # ----------------------------------------------------------------------------- learning
@@ -281,7 +351,7 @@ def test_two_gloo_ranks_match_one_process_of_the_same_global_batch(tmp_path):
 # ----------------------------------------------------------------------------- CLI on a real store
 
 
-def test_cli_trains_on_a_harvested_store(tmp_path, tiny_model_dir, token_file):
+def test_cli_trains_on_a_harvested_store(tmp_path, tiny_model_dir, token_file, caplog):
     store = tmp_path / "acts.zarr"
     harvest(
         HarvestConfig(
@@ -295,9 +365,11 @@ def test_cli_trains_on_a_harvested_store(tmp_path, tiny_model_dir, token_file):
         )
     )
     out = tmp_path / "clt"
+    # 2 layers × 24 features need 48 tokens: one pass of the store's 256 rows is plenty.
     argv = ["train-clt", "--activations", str(store), "--out", str(out), "--batch-size", "32", "--d-features", "24",
-            "--activation", "batchtopk", "--k", "4", "--checkpoint-every", "4", "--eval-steps", "2", "--device", "cpu"]  # fmt: skip
+            "--k", "4", "--tokens-per-feature", "1", "--checkpoint-every", "4", "--eval-steps", "2", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
+    assert "too short" not in caplog.text
     metrics = read_json(out / "metrics.json")
     assert (  # a one-pass batchtopk run holds its last batch back to calibrate JumpReLU on
         metrics["steps"] == 256 // 32 - 1
@@ -312,3 +384,12 @@ def test_cli_trains_on_a_harvested_store(tmp_path, tiny_model_dir, token_file):
     assert (clt.cfg.n_layers, clt.cfg.d_model, clt.cfg.d_features) == (2, 16, 24)
     assert main(argv) == 0  # the same run again: already finished
     assert main([*argv[:-2], "--lr", "0.5"]) == 2  # another run in the same --out is refused
+
+    # At 100 tokens per feature the store is too small: 2 passes at most, then a warning.
+    short = tmp_path / "short"
+    argv = [*argv[:4], str(short), *argv[5:]]
+    argv[argv.index("--tokens-per-feature") + 1] = "100"
+    assert main([*argv, "--max-passes", "2"]) == 0
+    metrics = read_json(short / "metrics.json")
+    assert metrics["steps"] == 2 * (256 // 32) and metrics["schedule"]["needed_steps"] == 150
+    assert "too short" in caplog.text and "256 rows" in caplog.text

@@ -10,11 +10,18 @@ AdamW, a warm-up + cosine/linear learning-rate schedule (the one in
 defaults to 0 for TopK/BatchTopK, whose k sets the sparsity. BatchTopK under DDP selects over
 the global batch (`model.py`).
 
+Defaults that converge on any store (`resolve_schedule`): the run's length follows the
+dictionary, tokens_per_feature tokens for each of its L × F features, read as one pass over a
+large store or several (at most max_passes) over a small one; the learning-rate warm-up, λ_S's
+warm-up and the dead-feature window are fractions of that length. A run with fewer steps than
+its dictionary needs (a --steps too small, a store too small) says so in a warning.
+
 TopK/BatchTopK CLTs are saved as JumpReLU (the circuit-tracer layout has no TopK): the
 thresholds are calibrated on held-out batches, the ones after the last trained batch (a
-one-pass run holds them back from training), read by every rank; `metrics.json`'s `fvu` and
-`l0` are the saved JumpReLU model's on held-out batches, and the TopK model's training-window
-figures stay under `fvu_before_conversion`, `l0_before_conversion`, ....
+one-pass run holds them back from training; a run of several passes reads rows it has seen),
+read by every rank; `metrics.json`'s `fvu` and `l0` are the saved JumpReLU model's on those
+batches, and the TopK model's training-window figures stay under `fvu_before_conversion`,
+`l0_before_conversion`, ....
 
 A checkpoint holds the weights, optimiser state, step and counters;
 a rerun after a kill resumes there, reading its data from batch `step` on (no replay).
@@ -33,7 +40,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -81,6 +88,15 @@ OPERATIONAL_FIELDS = {
 # batches(start) -> this rank's (inputs, targets) of global batches start, start + 1, ...
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
+# Defaults under which a run with every flag left out converges on a small store (the addition
+# toy's 72k rows: many passes) and a large one (one pass) alike; README "train-clt defaults".
+# BatchTopK fixes L0 at k whatever the store, where a JumpReLU's L0 follows λ_S and the data.
+DEFAULT_EXPANSION = 4  # d_features = 4 × d_model
+DEFAULT_K = 12
+LR_WARMUP_FRACTION, LR_WARMUP_MAX = 0.05, 1000
+SPARSITY_WARMUP_FRACTION = 0.8
+DEAD_TOKENS_FRACTION, DEAD_TOKENS_MIN, DEAD_TOKENS_MAX = 0.1, 100_000, 10_000_000
+
 
 class TrainCLTConfig(StoreAccess):
     """Everything one CLT training run needs; n_layers and d_model come from the store."""
@@ -93,11 +109,17 @@ class TrainCLTConfig(StoreAccess):
     out: Path = Field(description="Output CLT directory (resumed if it holds this same run).")
     # ---- the CLT (see CLTConfig)
     d_features: int | None = Field(
-        None, gt=0, description="Features per layer; default 8 × d_model."
+        None, gt=0, description=f"Features per layer; default {DEFAULT_EXPANSION} × d_model."
     )
-    activation: Activation = Field("jumprelu", description="relu, jumprelu, topk or batchtopk.")
+    activation: Activation = Field(
+        "batchtopk",
+        description="relu, jumprelu, topk or batchtopk (k sets the L0 on any store; saved as JumpReLU).",
+    )
     k: int | None = Field(
-        None, gt=0, description="Active features per token and layer (topk, batchtopk)."
+        None,
+        gt=0,
+        description=f"Active features per token and layer (topk, batchtopk); default {DEFAULT_K} "
+        "(at most d_features / 8).",
     )
     batchtopk_scope: Literal["layer", "all"] = Field(
         "layer", description="batchtopk over each layer or all layers."
@@ -116,10 +138,30 @@ class TrainCLTConfig(StoreAccess):
     # ---- optimisation
     batch_size: int = Field(1024, gt=0, description="Tokens per step, over all ranks.")
     steps: int | None = Field(
-        None, gt=0, description="Optimiser steps; default one pass over the store."
+        None,
+        gt=0,
+        description="Optimiser steps; default: tokens_per_feature tokens for each of the L × F features, "
+        "at least one pass over the store and at most max_passes.",
+    )
+    tokens_per_feature: int = Field(
+        400,
+        gt=0,
+        description="Default --steps: training tokens per feature of the dictionary that a run needs to "
+        "converge; a run given fewer warns.",
+    )
+    max_passes: float = Field(
+        20.0,
+        ge=1,
+        description="Default --steps: passes over a small store at most (repeating rows beyond this "
+        "overfits more than it converges).",
     )
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
-    lr_warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up.")
+    lr_warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description=f"Linear learning-rate warm-up; default {LR_WARMUP_FRACTION:.0%} of the steps, "
+        f"at most {LR_WARMUP_MAX}.",
+    )
     lr_decay: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after the warm-up."
     )
@@ -134,7 +176,10 @@ class TrainCLTConfig(StoreAccess):
         "topk/batchtopk, whose k sets the sparsity.",
     )
     sparsity_warmup_steps: int | None = Field(
-        None, ge=0, description="Steps over which λ_S ramps from 0; default all steps."
+        None,
+        ge=0,
+        description=f"Steps over which λ_S ramps from 0; default {SPARSITY_WARMUP_FRACTION:.0%} of the "
+        "steps, so the rest of the run settles at the final λ_S.",
     )
     preact_coefficient: float = Field(
         3e-6, ge=0, description="λ_P of the pre-activation (dead-feature) loss."
@@ -142,8 +187,11 @@ class TrainCLTConfig(StoreAccess):
     auxk_coefficient: float = Field(
         1 / 32, ge=0, description="α of the AuxK loss (topk, batchtopk)."
     )
-    dead_feature_tokens: int = Field(
-        10_000_000, gt=0, description="A feature silent this many tokens is dead."
+    dead_feature_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="A feature silent this many tokens is dead (AuxK revives it); default a tenth of the "
+        f"run's tokens, within [{DEAD_TOKENS_MIN:,}, {DEAD_TOKENS_MAX:,}].",
     )
     calibration_tokens: int = Field(
         16384,
@@ -180,11 +228,8 @@ class TrainCLTConfig(StoreAccess):
 
     @model_validator(mode="after")
     def _check(self) -> TrainCLTConfig:
-        if self.activation in ("topk", "batchtopk") and self.k is None:
-            raise StageError(f"activation {self.activation!r} needs --k")
         if self.sparsity_coefficient is None:
-            topk = self.activation in ("topk", "batchtopk")
-            self.sparsity_coefficient = 0.0 if topk else 1e-3
+            self.sparsity_coefficient = 0.0 if self.converts else 1e-3
         return self
 
     @property
@@ -196,12 +241,16 @@ class TrainCLTConfig(StoreAccess):
         return math.ceil(self.calibration_tokens / self.batch_size)
 
     def clt_config(self, n_layers: int, d_model: int) -> CLTConfig:
+        d_features = self.d_features or DEFAULT_EXPANSION * d_model
+        k = self.k
+        if k is None and self.converts:  # a small dictionary keeps its features sparse
+            k = max(1, min(DEFAULT_K, d_features // 8))
         return CLTConfig(
             n_layers=n_layers,
             d_model=d_model,
-            d_features=self.d_features or 8 * d_model,
+            d_features=d_features,
             activation=self.activation,
-            k=self.k,
+            k=k,
             batchtopk_scope=self.batchtopk_scope,
             cross_layer=self.cross_layer,
             bandwidth=self.bandwidth,
@@ -209,6 +258,82 @@ class TrainCLTConfig(StoreAccess):
             sparsity_c=self.sparsity_c,
             k_aux=self.k_aux,
         )
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+
+class Schedule(NamedTuple):
+    """A run's size-dependent settings, resolved once; the per-step schedules are pure
+    functions of the step and these."""
+
+    steps: int
+    lr_warmup_steps: int
+    sparsity_warmup_steps: int
+    dead_feature_tokens: int
+    needed_steps: int  # what the dictionary needs to converge (`needed_steps`)
+
+
+def needed_steps(config: TrainCLTConfig, n_features: int) -> int:
+    """Steps that a dictionary of `n_features` (L × F) needs: tokens_per_feature tokens each."""
+    return math.ceil(config.tokens_per_feature * n_features / config.batch_size)
+
+
+def default_steps(config: TrainCLTConfig, *, n_features: int, batches_per_pass: int) -> int:
+    """--steps left out: what the dictionary needs, but at least one pass over the store (a
+    large store is read once, whole) and at most max_passes (a small one is read repeatedly)."""
+    most = max(batches_per_pass, math.floor(config.max_passes * batches_per_pass))
+    return max(batches_per_pass, min(needed_steps(config, n_features), most))
+
+
+def resolve_schedule(config: TrainCLTConfig, steps: int, n_features: int) -> Schedule:
+    """The warm-ups and the dead-feature window of a `steps`-step run: fractions of the run
+    unless set, so a short run is not all warm-up and a long one not penalised from its start."""
+
+    def given_or(value: int | None, default: int) -> int:
+        return default if value is None else value
+
+    tokens = steps * config.batch_size
+    dead = min(DEAD_TOKENS_MAX, max(DEAD_TOKENS_MIN, round(DEAD_TOKENS_FRACTION * tokens)))
+    return Schedule(
+        steps=steps,
+        lr_warmup_steps=given_or(
+            config.lr_warmup_steps, min(LR_WARMUP_MAX, max(1, round(LR_WARMUP_FRACTION * steps)))
+        ),
+        sparsity_warmup_steps=given_or(
+            config.sparsity_warmup_steps, round(SPARSITY_WARMUP_FRACTION * steps)
+        ),
+        dead_feature_tokens=given_or(config.dead_feature_tokens, dead),
+        needed_steps=needed_steps(config, n_features),
+    )
+
+
+def warn_if_too_short(
+    config: TrainCLTConfig, schedule: Schedule, n_features: int, rows: int | None = None
+) -> bool:
+    """Log a warning, and return True, when the run has fewer steps than its dictionary needs
+    (by more than the tenth a one-pass run may hold back to calibrate on)."""
+    if schedule.steps >= 0.9 * schedule.needed_steps:
+        return False
+    if config.steps is not None:
+        why, fix = f"--steps {config.steps}", "leave --steps out or raise it"
+    else:
+        held = f"{rows:,} rows" if rows is not None else "its rows"
+        why = f"a store of {held} read at most {config.max_passes:g} times"
+        fix = "harvest more rows (harvest --tokens) or take a smaller --d-features"
+    log.warning(
+        "train-clt: the run is too short to converge (%s): %d steps give %.0f tokens to each of "
+        "%d features, where about %d (%d steps) are needed; expect a high FVU or many dead "
+        "features; %s",
+        why,
+        schedule.steps,
+        schedule.steps * config.batch_size / n_features,
+        n_features,
+        config.tokens_per_feature,
+        schedule.needed_steps,
+        fix,
+    )
+    return True
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -276,12 +401,18 @@ def train_clt(config: TrainCLTConfig) -> Path:
             raise StageError(
                 f"{config.activations} holds {probe.n_rows} rows: not one batch of {config.batch_size}"
             )
-        if config.steps:  # a fixed step count may need more than one pass
-            steps, loader_kwargs["epochs"] = config.steps, None
-        else:  # one pass; ranks may hold different row counts, so the fewest batches rule
-            steps = int(
-                _all_reduce(torch.tensor(len(probe), device=device), world, dist.ReduceOp.MIN)
-            )
+        n_layers, d_model = probe.stats["inputs_mean"].shape
+        n_features = n_layers * config.clt_config(n_layers, d_model).d_features
+        # Ranks may hold different row counts, so the fewest batches make a pass.
+        per_pass = int(
+            _all_reduce(torch.tensor(len(probe), device=device), world, dist.ReduceOp.MIN)
+        )
+        steps = config.steps or default_steps(
+            config, n_features=n_features, batches_per_pass=per_pass
+        )
+        if config.steps or steps > per_pass:  # the loader cycles over the store
+            loader_kwargs["epochs"] = None
+        else:  # one pass over a store large enough for the dictionary
             loader_kwargs["epochs"] = 1
             if n_calibration:  # held back from training: the batches after the last trained one
                 n_calibration = min(n_calibration, max(1, steps // 10))
@@ -308,7 +439,13 @@ def train_clt(config: TrainCLTConfig) -> Path:
             },
         }
         return _train(
-            config, batches, probe.stats, steps=steps, info=info, calibration_batches=n_calibration
+            config,
+            batches,
+            probe.stats,
+            steps=steps,
+            info=info,
+            calibration_batches=n_calibration,
+            rows=probe.n_rows,
         )
 
 
@@ -320,13 +457,15 @@ def _train(
     steps: int,
     info: dict | None = None,
     calibration_batches: int | None = None,
+    rows: int | None = None,
 ) -> Path:
     """The training loop over any source of this rank's normalised batches.
 
     `batches(start)` yields this rank's (inputs, targets) [B/world, L, M] for global batches
     start, start + 1, ...; `stats` is the store's normalisation (folded into the saved CLT).
     A TopK/BatchTopK CLT is converted on `calibration_batches` held-out batches, global
-    batches steps, steps + 1, ... (default: config.calibration_tokens' worth).
+    batches steps, steps + 1, ... (default: config.calibration_tokens' worth). `rows`: the
+    store's, named by the warning of a run too short for its dictionary.
     """
     _, _, local_rank = dist_env()
     device = resolve_device(config.device, local_rank)
@@ -347,6 +486,8 @@ def _train(
             log.info("%s already holds the finished run", out)
             return out
         trainer = _Trainer(config, clt_cfg, device, rank, world, steps)
+        if rank == 0:
+            warn_if_too_short(config, trainer.schedule, n_layers * clt_cfg.d_features, rows)
         trainer.run(batches)
         if calibration_batches is None:
             calibration_batches = config.calibration_batches()
@@ -367,6 +508,7 @@ class _Trainer:
         steps: int,
     ):
         self.config, self.device, self.steps = config, device, steps
+        self.schedule = resolve_schedule(config, steps, clt_cfg.n_layers * clt_cfg.d_features)
         self.rank, self.world = rank, world
         self.out = Path(config.out)
         self.ckpt_root = self.out / "checkpoints"
@@ -499,14 +641,17 @@ class _Trainer:
             got = f"{tuple(inputs.shape)} and {tuple(targets.shape)}"
             raise ValueError(f"batch shapes {got}; expected {expected} on each rank")
         lr = learning_rate(
-            self.step, peak=cfg.lr, warmup_steps=cfg.lr_warmup_steps, total_steps=self.steps,
-            decay=cfg.lr_decay, min_ratio=cfg.min_lr_ratio,
+            self.step, peak=cfg.lr, warmup_steps=self.schedule.lr_warmup_steps,
+            total_steps=self.steps, decay=cfg.lr_decay, min_ratio=cfg.min_lr_ratio,
         )  # fmt: skip
         for group in self.opt.param_groups:
             group["lr"] = lr
-        warmup = self.steps if cfg.sparsity_warmup_steps is None else cfg.sparsity_warmup_steps
-        lam = sparsity_coefficient(self.step, final=cfg.sparsity_coefficient, warmup_steps=warmup)
-        dead = self.tokens_since_fired >= cfg.dead_feature_tokens
+        lam = sparsity_coefficient(
+            self.step,
+            final=cfg.sparsity_coefficient,
+            warmup_steps=self.schedule.sparsity_warmup_steps,
+        )
+        dead = self.tokens_since_fired >= self.schedule.dead_feature_tokens
         use_auxk = self.model.cfg.activation in ("topk", "batchtopk") and cfg.auxk_coefficient > 0
         use_autocast = cfg.autocast and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
@@ -578,7 +723,7 @@ class _Trainer:
             raise StageError("no step was scored for metrics.json (did the run train at all?)")
         fvu_per_layer = (window["err"] / window["var"]).tolist()
         l0_per_layer = (window["l0"] / tokens).tolist()
-        dead = self.tokens_since_fired >= self.config.dead_feature_tokens
+        dead = self.tokens_since_fired >= self.schedule.dead_feature_tokens
         metrics = {
             "fvu": float(window["err"].sum() / window["var"].sum()),
             "l0": sum(l0_per_layer) / len(l0_per_layer),
@@ -589,6 +734,7 @@ class _Trainer:
             "steps": self.step,
             "tokens": self.step * self.config.batch_size,
             "eval_tokens": int(tokens),
+            "schedule": self.schedule._asdict(),
         }
         clt = self.model
         if clt.cfg.activation in ("topk", "batchtopk"):
