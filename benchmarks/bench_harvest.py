@@ -89,11 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--shard-rows", type=int, default=4096)
     ap.add_argument("--loader-batch", type=int, default=4096)
     ap.add_argument(
-        "--passes", type=int, default=2, help="loader epochs, and raw reads of the store, a round"
+        "--passes", type=int, default=3, help="loader epochs, and raw reads of the store, a round"
     )
-    ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of the reads")
+    ap.add_argument("--rounds", type=int, default=2, help="alternated rounds of the reads")
     ap.add_argument(
-        "--harvest-rounds", type=int, default=2, help="harvests, each between two forwards"
+        "--harvest-rounds", type=int, default=1, help="harvests, each between two forwards"
     )
     ap.add_argument("--no-s3", action="store_true", help="leave out the S3 test server")
     ap.add_argument("--device", default="cpu")

@@ -73,11 +73,14 @@ class ShuffleBuffer:
     p is row p of the segments laid end to end.
     """
 
-    def __init__(self, buffers: BufferPool | None):
+    def __init__(self, buffers: BufferPool):
+        self.buffers = buffers
+        self._empty()
+
+    def _empty(self) -> None:
         self.segments: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
         self.starts = [0]  # position of each segment's first row, then the end
         self.held: list[np.ndarray] = []  # pooled buffers the segments view
-        self.buffers = buffers
 
     @property
     def n(self) -> int:
@@ -96,7 +99,7 @@ class ShuffleBuffer:
         """Empty the buffer; the shards' buffers go back to the pool."""
         for buf in self.held:
             self.buffers.give(buf)
-        self.__init__(self.buffers)
+        self._empty()
 
     def gather(self, positions: np.ndarray, out: tuple[np.ndarray, np.ndarray]) -> None:
         """Rows at `positions` into out [len, L, M] each, in position order (one copy)."""
@@ -425,11 +428,17 @@ class ActivationLoader:
         """16-bit batches as float32 on their device, normalised if asked: one pass each."""
         out = []
         for name, x in (("inputs", inputs), ("targets", targets)):
+            if x.device.type == "cpu":
+                # numpy's allocation: the allocator reuses freed memory, where a fresh torch
+                # CPU tensor this size page-faults on every page (about twice the widening)
+                y = torch.from_numpy(np.empty(x.shape, np.float32))
+            else:
+                y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
             if self.normalize:
                 inv, bias = self._scale[name]
-                out.append(torch.addcmul(bias, x, inv))  # B,L,M float32
+                out.append(torch.addcmul(bias, x, inv, out=y))  # B,L,M
             else:
-                out.append(x.float())
+                out.append(y.copy_(x))
         return out[0], out[1]
 
     def __iter__(self) -> Iterator[Batch]:
