@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import LOCK_FILE, _is_leftover, atomic_dir, atomic_path
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,17 @@ def put_dir(
     present = _remote_sizes(fs, root)
     if fs.exists(manifest_path):  # from now on the prefix reads as absent until the new one lands
         fs.rm_file(manifest_path)
-    files, sent = dir_files(local), 0
-    for rel, info in files.items():
-        if previous["files"].get(rel) != info or present.get(rel) != info["size"]:
+    files = dir_files(local)
+    to_send = [
+        rel
+        for rel, info in files.items()
+        if previous["files"].get(rel) != info or present.get(rel) != info["size"]
+    ]
+    total = sum(files[rel]["size"] for rel in to_send)
+    with _bytes_bar(total, f"uploading {local.name}") as bar:
+        for rel in to_send:
             fs.put_file(str(local / rel), f"{root}/{rel}")
-            sent += 1
+            bar.update(files[rel]["size"])
     manifest = {"format": MANIFEST_FORMAT, "version": 1, **(extra or {}), "files": files}
     fs.pipe_file(manifest_path, json.dumps(manifest, indent=1).encode())
     fs.invalidate_cache(root)
@@ -187,7 +194,7 @@ def put_dir(
             "removing %d object(s) under %s that the new manifest does not name", len(stale), url
         )
         fs.rm(stale)
-    log.debug("%s: %d of %d file(s) sent", url, sent, len(files))
+    log.debug("%s: %d of %d file(s) sent", url, len(to_send), len(files))
     return manifest
 
 
@@ -235,7 +242,8 @@ def get_dir(url: str, local: str | os.PathLike, storage_options: dict | None = N
 
 def _get_dir(url: str, local: str | os.PathLike, manifest: dict, storage_options: dict | None):
     fs, root = filesystem(url, storage_options)
-    with atomic_dir(local) as tmp:
+    total = sum(info["size"] for info in manifest["files"].values())
+    with atomic_dir(local) as tmp, _bytes_bar(total, f"fetching {Path(local).name}") as bar:
         for rel, info in manifest["files"].items():
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +253,13 @@ def _get_dir(url: str, local: str | os.PathLike, manifest: dict, storage_options
                 raise StorageError(f"{url}: {rel} is named by the manifest but missing") from None
             if target.stat().st_size != info["size"] or _sha256(target) != info["sha256"]:
                 raise StorageError(f"{url}: {rel} does not match its manifest")
+            bar.update(info["size"])
     return Path(local)
+
+
+def _bytes_bar(total: int, desc: str):
+    """A progress bar over bytes moved (inside a job it reports, and a cancel stops it)."""
+    return progress_bar(total=total, unit="B", unit_scale=True, desc=desc, leave=False)
 
 
 def put_artifact(local: str | os.PathLike, url: str, storage_options: dict | None = None) -> None:
