@@ -16,9 +16,8 @@ Side by side in one run, on one device:
             in the dtype the step computes in (bf16 under autocast on CUDA, fp32 on CPU).
   reference - with --reference-python PY: llamascopium's `Trainer.fit` on a CLT of the same
             shape and activation, on the same batches, in a worker process under PY
-            (`clt_reference.py`, same thread count); its rounds alternate with ours.
-Times are medians over the timed steps, after --warmup untimed ones, per round; --rounds
-repeats (ours, then the reference). The figures: train FLOP/s / matmul FLOP/s (the share of the
+            (`clt_reference.py`, same thread count); its steps alternate with ours.
+Times are medians over the timed steps, after --warmup untimed ones, per round (--rounds). The figures: train FLOP/s / matmul FLOP/s (the share of the
 matmul-bound ceiling the whole step reaches), and our tokens/s / the reference's.
 
 --decoder-sweep K1,K2,...: for TopK, the training step with the sparse decoder against the
@@ -234,10 +233,12 @@ def measure(args: argparse.Namespace, clt_cfg: CLTConfig, device: torch.device, 
             reference.steps(args.warmup)
         rounds = []
         for r in range(args.rounds):
-            train_s, matmul_s = [], []
-            for _ in range(args.steps):
+            train_s, matmul_s, reference_s = [], [], []
+            for _ in range(args.steps):  # one step of each in turn: a load change hits all three
                 train_s.append(timed(train_step, device))
                 matmul_s.append(timed(matmuls, device))
+                if reference is not None:
+                    reference_s += reference.steps(1)
             train, matmul = statistics.median(train_s), statistics.median(matmul_s)
             row = {
                 "train_step_s": train, "matmul_step_s": matmul, "ratio": matmul / train,
@@ -245,7 +246,7 @@ def measure(args: argparse.Namespace, clt_cfg: CLTConfig, device: torch.device, 
                 "matmul_flops_per_s": flops / matmul, "load_average": os.getloadavg()[0],
             }  # fmt: skip
             if reference is not None:
-                ref = statistics.median(reference.steps(args.steps))
+                ref = statistics.median(reference_s)
                 row |= {
                     "reference_step_s": ref,
                     "reference_tokens_per_s": args.batch / ref,
@@ -264,10 +265,19 @@ def measure(args: argparse.Namespace, clt_cfg: CLTConfig, device: torch.device, 
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "flops_per_step": flops,
-        "sparse_decoder": getattr(trainer.model, "decodes_sparse", False),
+        "sparse_decoder": sparse_decoder(trainer.model, args),
         "rounds": rounds,
         **summary,
     }
+
+
+def sparse_decoder(model: CrossLayerTranscoder, args: argparse.Namespace) -> bool | str:
+    """Whether the step decodes from selected rows: ReLU/JumpReLU decide per batch."""
+    if not hasattr(model, "sparse_decode"):
+        return False
+    if args.activation in ("relu", "jumprelu") and args.sparse_decode != "never":
+        return f"per batch ({args.sparse_decode})"
+    return model.decodes_sparse
 
 
 def decoder_sweep(args: argparse.Namespace, device: torch.device, tmp: Path) -> list[dict]:
