@@ -40,7 +40,7 @@ SETTINGS = {
 }  # fmt: skip
 
 FIGURES = ("loss_ratio", "ce_gap", "sparse_accuracy", "dense_accuracy", "connectivity",
-           "keys_per_query", "dense_seconds_this_run", "sparsify_seconds_this_run")  # fmt: skip
+           "keys_per_query", "dense_seconds", "sparsify_seconds")  # fmt: skip
 
 
 def run(setting: str, work: Path, seed: int, dense_seed: int | None) -> dict:
@@ -51,15 +51,17 @@ def run(setting: str, work: Path, seed: int, dense_seed: int | None) -> dict:
     d_seed = seed if dense_seed is None else dense_seed
     dense, sparse = work / f"{setting}-dense-s{d_seed}", work / f"{setting}-sparse-s{seed}"
     spec = SETTINGS[setting]
-    t0 = time.perf_counter()
-    if not (dense / "metrics.json").exists():
-        args = [a.format(work=work) for a in spec["dense"]]
-        assert cli([*args, "--seed", str(d_seed), "--out", str(dense)]) == 0
-    t1 = time.perf_counter()
-    if not (sparse / "metrics.json").exists():
-        args = [*spec["sparse"], "--seed", str(seed), "--model", str(dense), "--out", str(sparse)]
-        assert cli(args) == 0
-    t2 = time.perf_counter()
+    timings_path = work / "timings.json"  # wall seconds of each finished stage, kept across reruns
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    for out, args in (
+        (dense, [*(a.format(work=work) for a in spec["dense"]), "--seed", str(d_seed)]),
+        (sparse, [*spec["sparse"], "--seed", str(seed), "--model", str(dense)]),
+    ):
+        if not (out / "metrics.json").exists():
+            t0 = time.perf_counter()
+            assert cli([*args, "--out", str(out)]) == 0
+            timings[out.name] = time.perf_counter() - t0
+            timings_path.write_text(json.dumps(timings, indent=1))
     sm = json.loads((sparse / "metrics.json").read_text())
     return {
         "seed": seed,
@@ -78,8 +80,8 @@ def run(setting: str, work: Path, seed: int, dense_seed: int | None) -> dict:
         "steps": sm["steps"],
         "batch_size": sm.get("batch_size"),
         "selected_step": sm["selected_step"],
-        "dense_seconds_this_run": t1 - t0,  # ~0 when the stage was already done
-        "sparsify_seconds_this_run": t2 - t1,
+        "dense_seconds": timings.get(dense.name),  # None: run before timings were kept
+        "sparsify_seconds": timings.get(sparse.name),
     }
 
 
@@ -116,7 +118,7 @@ if __name__ == "__main__":
     for r in runs:
         acc = "–" if r["sparse_accuracy"] is None else f"{r['sparse_accuracy']:.4f}"
         print(f"| {r['seed']} | {r['dense_loss']:.4g} | {r['sparse_loss']:.4g} | {acc} | "
-              f"{r['connectivity']:.4%} | {r['keys_per_query']:.3f} | {r['sparsify_seconds_this_run']:.0f} |")  # fmt: skip
+              f"{r['connectivity']:.4%} | {r['keys_per_query']:.3f} | {r['sparsify_seconds'] or 0:.0f} |")  # fmt: skip
     print("\n| figure | mean | std | min | max |\n|---|---|---|---|---|")
     for k, v in result["over_seeds"].items():
         print(f"| {k} | {v['mean']:.4g} | {v['std']:.2g} | {v['min']:.4g} | {v['max']:.4g} |")

@@ -23,10 +23,10 @@ def test_run_sizes_follow_the_context_and_the_data():
     lm = plan_run(cfg, n_train=100_000, context_length=256, device=cpu)
     lm1k = plan_run(cfg, n_train=100_000, context_length=1024, device=torch.device("meta"))
     assert toy.batch_size == 2048 // 9 and lm.batch_size == 8 and lm1k.batch_size == 16
-    assert lm.steps == 1500 and toy.steps == -(-20 * 9000 // (2048 // 9))  # 20 passes
+    assert lm.steps == 1000 == toy.steps  # 30 passes, at most 1000 steps
     assert toy.warmup_steps == toy.steps // 20 and toy.select_every == toy.steps // 30
     small = plan_run(cfg, n_train=60, context_length=256, device=cpu)
-    assert small.batch_size == 3 and small.steps == 400  # ≥ 20 steps a pass; 20 passes
+    assert small.batch_size == 3 and small.steps == 600  # ≥ 20 steps a pass; 30 passes
     mine = plan_run(cfg.model_copy(update={"batch_size": 5, "steps": 7, "warmup_steps": 0}),
                     n_train=60, context_length=256, device=cpu)  # fmt: skip
     assert (mine.batch_size, mine.steps, mine.warmup_steps) == (5, 7, 0)

@@ -74,7 +74,7 @@ def plot_training_curves(
     axes[1].axhline(0, color="black", lw=0.6)
     axes[1].set_ylim(-1.5, 3)
     axes[0].legend(fontsize=7)
-    axes[-1].set_xlabel("step (dashed: the gate offset reaches 0)")
+    axes[-1].set_xlabel("step" + (" (dashed: the gate offset reaches 0)" if anneal_end else ""))
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -80,7 +80,7 @@ class SparsifyConfig(OptimConfig):
     steps: int | None = Field(
         None,
         gt=0,
-        description="Optimiser steps; default: 20 passes over the training tokens, within 300-1500.",
+        description="Optimiser steps; default: 30 passes over the training tokens, within 300-1000.",
     )
     batch_tokens: int | None = Field(
         None,
@@ -92,7 +92,7 @@ class SparsifyConfig(OptimConfig):
         None, gt=0, description="Sequences per step; overrides --batch-tokens."
     )
     lr: float = Field(
-        3e-4, gt=0, description="The biggest lever: too high and the noisy-gate CE spikes."
+        4e-4, gt=0, description="The biggest lever: too high and the noisy-gate CE spikes."
     )
     warmup_steps: int | None = Field(
         None, ge=0, description="Linear learning-rate warm-up; default: a twentieth of the steps."
@@ -100,7 +100,7 @@ class SparsifyConfig(OptimConfig):
     min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1.0: constant after warm-up.")
     gate_offset_start: float = Field(3.0, description="Gate offset b at step 0 (gates start open).")
     gate_offset_anneal: float = Field(
-        0.5, gt=0, le=1, description="Fraction of steps over which b goes to 0."
+        0.3, gt=0, le=1, description="Fraction of steps over which b goes to 0."
     )
     lambda_init: float = Field(1.0, gt=0, description="Initial Lagrange multiplier on CE − τ.")
     lambda_ki: float = Field(
@@ -194,7 +194,7 @@ def update_lambda(
 
 
 CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 2048, 16384
-PASSES, MIN_STEPS, MAX_STEPS = 20, 300, 1500
+PASSES, MIN_STEPS, MAX_STEPS = 30, 300, 1000
 
 
 def plan_run(
