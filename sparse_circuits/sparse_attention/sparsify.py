@@ -7,7 +7,9 @@ while keeping its loss.
     L = R + λ · CE  [+ w · KL(dense ‖ model)]     (the gradient of λ · (CE − τ): τ is a constant)
 
 λ is set by a PI controller on log λ, driven by the constraint in units of its own slack,
-    e = clip((CE_hard − τ_batch) / (τ_batch − CE_dense,batch), −1, 1)
+aimed a margin m (`tolerance_margin`) of the slack inside τ,
+    τ'_batch = τ_batch − m · (τ_batch − CE_dense,batch)
+    e = clip((CE_hard − τ'_batch) / (τ'_batch − CE_dense,batch), −1, 1)
     I ← clamp(I + k_i · e),   log λ = clamp(I + k_p · EMA(e))
 Measured in units of the slack, e is −1 when the sparse model matches the dense one and +1
 at twice the allowed excess, whatever the CE's scale (a raw CE − τ of 0.005 nats barely moves
@@ -30,8 +32,10 @@ weights kept are fractions of the steps (`plan_run`), printed with a time estima
 
 λ can overshoot in either direction, so after annealing, every `select_every` steps the
 weights are checked on the validation sequences (held out, and apart from the reported ones);
-the sparsest weights whose deterministic-gate CE keeps to τ_validation there (and, on tasks,
-whose accuracy stays within `accuracy_tolerance` of dense) are the ones saved.
+the sparsest weights whose deterministic-gate CE keeps below τ_validation less the same
+margin there (and, on tasks, whose accuracy stays within `accuracy_tolerance` of dense) are
+the ones saved: the margin keeps the held-out check from being a coin flip for weights chosen
+at the edge of a noisy validation set.
 
 The run is split like `clt/train.py`: `sparsify` claims the output and drives the shared loop
 (`training.run_training`) over a `_Sparsifier`, whose phases are `__init__` (model, data,
@@ -118,6 +122,14 @@ class SparsifyConfig(OptimConfig):
     tolerance_abs: float = Field(
         0.005, ge=0, description="Absolute floor of the tolerance, in nats."
     )
+    tolerance_margin: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Share of the slack (τ − dense CE) that λ holds the training CE below τ, and "
+        "the kept weights their validation CE below τ_validation: weights at τ's very edge pass "
+        "the held-out check only by chance.",
+    )
     accuracy_tolerance: float = Field(
         0.005,
         ge=0,
@@ -174,11 +186,18 @@ def tolerance(dense_ce: float, rel: float, abs_: float) -> float:
     return max((1 + rel) * dense_ce, dense_ce + abs_)
 
 
-def constraint_error(hard_ce: float, dense_ce: float, tau: float) -> float:
-    """CE_hard − τ in units of the slack τ − CE_dense, clipped to [−1, 1]: −1 when the sparse
-    model is as good as the dense one, 0 on the constraint, +1 at twice the allowed excess."""
-    slack = max(tau - dense_ce, 1e-12)
-    return max(-1.0, min(1.0, (hard_ce - tau) / slack))
+def with_margin(tau: float, dense_ce: float, margin: float) -> float:
+    """τ moved inside the tolerance by `margin` of its slack τ − CE_dense."""
+    return tau - margin * (tau - dense_ce)
+
+
+def constraint_error(hard_ce: float, dense_ce: float, tau: float, margin: float = 0.0) -> float:
+    """CE_hard − τ' in units of the slack τ' − CE_dense, with τ' = τ less `margin` of the slack,
+    clipped to [−1, 1]: −1 when the sparse model is as good as the dense one, 0 on the
+    constraint, +1 at twice the allowed excess."""
+    target = with_margin(tau, dense_ce, margin)
+    slack = max(target - dense_ce, 1e-12)
+    return max(-1.0, min(1.0, (hard_ce - target) / slack))
 
 
 def update_lambda(
@@ -369,12 +388,16 @@ class _Sparsifier:
             if self.dense_val
             else self.tau
         )
+        self.tau_val_kept = with_margin(
+            self.tau_val, self.dense_val.get("loss", self.dense["loss"]), cfg.tolerance_margin
+        )
         if self.dense_val:
             log.info(
-                "dense CE on the validation set %.4f: τ_validation = %.4f (chooses the weights kept; "
-                "λ follows each training batch against its own dense CE)",
+                "dense CE on the validation set %.4f: τ_validation = %.4f; the weights kept stay "
+                "below %.4f (λ follows each training batch against its own dense CE)",
                 self.dense_val["loss"],
                 self.tau_val,
+                self.tau_val_kept,
             )
         held_x = self.held[0]
         self.sample = held_x[cfg.figure_index % held_x.shape[0]].unsqueeze(0)
@@ -418,7 +441,7 @@ class _Sparsifier:
             hard_ce = trainee(x, y).loss.item()
         lam_used, dense_ce = state["lambda"], dense_out.loss.item()
         batch_tau = tolerance(dense_ce, cfg.tolerance_rel, cfg.tolerance_abs)
-        error = constraint_error(hard_ce, dense_ce, batch_tau)
+        error = constraint_error(hard_ce, dense_ce, batch_tau, cfg.tolerance_margin)
         state["lambda"], state["integral"], state["error_ema"] = update_lambda(
             state["integral"], state["error_ema"], error, cfg
         )
@@ -446,7 +469,7 @@ class _Sparsifier:
         self.model.set_gate("hard", 0.0)
         check = self._evaluate(*self.val)
         if is_better_candidate(
-            check, tau=self.tau_val, best_connectivity=state["best_connectivity"],
+            check, tau=self.tau_val_kept, best_connectivity=state["best_connectivity"],
             dense_accuracy=self.dense_val.get("accuracy") if self.task is not None else None,
             accuracy_tolerance=cfg.accuracy_tolerance,
         ):  # fmt: skip
@@ -469,9 +492,9 @@ class _Sparsifier:
             )
         elif len(self.val[0]):
             log.warning(
-                "no checkpoint kept the validation CE within τ_validation = %.4f: the final weights are saved, "
-                "but they miss the tolerance; rerun with more steps or a smaller --lambda-ki",
-                self.tau_val,
+                "no checkpoint kept the validation CE below %.4f (τ_validation less the margin): the final "
+                "weights are saved, but they may miss the tolerance; rerun with more steps",
+                self.tau_val_kept,
             )
         model = self.trainee.merge_and_unload() if cfg.lora_rank else self.model
         model.cfg = model.cfg.model_copy(update={"gate": GateConfig(offset=0.0)})

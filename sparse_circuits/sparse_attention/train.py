@@ -75,6 +75,10 @@ class ToyTrainConfig(ArchitectureFields):
 
 
 PRETRAIN_MAX_STEPS = 3000  # a large corpus: a bounded run by default, longer on request
+# Held-out sequences a small corpus keeps at least (up to a fifth of it): sparsify splits them
+# into the ones that choose its weights and the ones that judge them, and a handful of
+# sequences cannot tell a 2 % tolerance from noise.
+MIN_HELDOUT = 32
 
 
 class PretrainConfig(ArchitectureFields):
@@ -171,6 +175,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
     )
     tokenizer = train_bpe_tokenizer(load_texts(cfg.corpus, cfg.text_field), cfg.vocab_size)
     data = build_data(spec, tokenizer)
+    n_all = data.train_inputs.shape[0] + data.heldout_inputs.shape[0]
+    wanted = min(MIN_HELDOUT, n_all // 5)
+    if data.heldout_inputs.shape[0] < wanted:  # a small corpus: 5 % is too few to judge by
+        spec = spec.model_copy(update={"heldout_fraction": wanted / n_all})  # saved in data.json
+        data = build_data(spec, tokenizer)
     n_train = data.train_inputs.shape[0]
     batch_size, steps = size_run(
         n_train=n_train, context_length=cfg.context_length, batch_tokens=cfg.batch_tokens,
@@ -186,9 +195,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         }
     )
     log.info(
-        "plan: corpus of %d training sequences of %d tokens (%s tokens); %d tokens per step "
-        "(%d sequences), %d steps = %.1f passes%s",
+        "plan: corpus of %d training sequences of %d tokens (%s tokens; %d held out); %d tokens "
+        "per step (%d sequences), %d steps = %.1f passes%s",
         n_train, cfg.context_length, f"{n_train * cfg.context_length:,}",
+        data.heldout_inputs.shape[0],
         batch_size * cfg.context_length, batch_size, steps, steps * batch_size / n_train,
         f" (capped at {PRETRAIN_MAX_STEPS} steps)" if capped else "",
     )  # fmt: skip
