@@ -198,7 +198,8 @@ def run_child(job: dict) -> dict:
         [sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True
     )
     if proc.returncode != 0:
-        if job.get("memory_limit_gib") and "MemoryError" in proc.stderr:
+        out_of_memory = "MemoryError" in proc.stderr or "can't allocate memory" in proc.stderr
+        if job.get("memory_limit_gib") and out_of_memory:
             return {"variant": job["variant"], "length": job["length"], "offset": job["offset"],
                     "max_feature_nodes": job["max_feature_nodes"],
                     "failed": f"over the memory limit of {job['memory_limit_gib']} GiB"}  # fmt: skip
@@ -277,30 +278,13 @@ def main() -> None:
             "with trained models, give a model and its CLT for each variant measured "
             "(--model/--clt for dense, --sparse-model/--sparse-clt for sparse); none: random stand-ins"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = pairs if given else random_models(Path(tmp), args)
-        rows = []
-        variants = list(args.variants)
-        if args.dense_matmuls and "sparse" in variants:
-            variants.append("sparse/dense-matmuls")
-        for length, offset, budget, variant in itertools.product(
-            args.lengths, args.offsets, args.max_feature_nodes, variants
-        ):
-            model_dir, clt_dir = dirs[variant.split("/")[0]]
-            job = {"variant": variant, "length": length, "offset": offset, "model": str(model_dir),
-                   "clt": str(clt_dir), "max_feature_nodes": budget or None, "batch_size": args.batch_size,
-                   "qk_edges": args.qk_edges, "threads": args.threads, "seed": args.seed,
-                   "memory_limit_gib": args.memory_limit_gib,
-                   "dense_matmuls": variant.endswith("dense-matmuls")}  # fmt: skip
-            rows.append(run_child(job))
-            print(json.dumps(rows[-1]), file=sys.stderr)
-        models = {
-            k: str(dirs[k][0]) if given else "random stdlib-LM-shaped stand-in"
-            for k in args.variants
-        }
+    rows = []
     result = {
         "what": "attribution graph (max_feature_nodes rows) + pruning + attention attribution, per prompt length",
-        "models": models,
+        "models": {
+            k: str(pairs[k][0]) if given else "random stdlib-LM-shaped stand-in"
+            for k in args.variants
+        },
         "settings": {
             k: v
             for k, v in vars(args).items()
@@ -316,7 +300,25 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = pairs if given else random_models(Path(tmp), args)
+        variants = list(args.variants)
+        if args.dense_matmuls and "sparse" in variants:
+            variants.append("sparse/dense-matmuls")
+        for length, offset, budget, variant in itertools.product(
+            args.lengths, args.offsets, args.max_feature_nodes, variants
+        ):
+            model_dir, clt_dir = dirs[variant.split("/")[0]]
+            job = {"variant": variant, "length": length, "offset": offset, "model": str(model_dir),
+                   "clt": str(clt_dir), "max_feature_nodes": budget or None, "batch_size": args.batch_size,
+                   "qk_edges": args.qk_edges, "threads": args.threads, "seed": args.seed,
+                   "memory_limit_gib": args.memory_limit_gib,
+                   "dense_matmuls": variant.endswith("dense-matmuls")}  # fmt: skip
+            rows.append(run_child(job))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+            write_json(
+                args.out, result
+            )  # after every measurement: a stopped run keeps the finished ones
     print(
         "| T | offset | model | rows budget | active features | rows | edges | graph s | total s | peak RSS GiB "
         "| added GiB | replacement full / pruned | share on features without rows | heads for 80 % |"
