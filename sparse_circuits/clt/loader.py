@@ -338,26 +338,32 @@ class ActivationLoader:
 
         shape = (self.n_layers, self.d_model)
         dtype = self.arrays["inputs"].dtype
+        bits = torch.bfloat16 if self.activation_dtype == "bfloat16" else torch.float16
         scratch: list[np.ndarray] = []
+        pinned_batch: list[torch.Tensor] = []
 
         def arrays(n: int) -> tuple[np.ndarray, np.ndarray]:
             if widen:  # widened right away: one pair of 16-bit arrays serves every batch
                 if not scratch or len(scratch[0]) < n:
                     scratch[:] = [np.empty((n, *shape), dtype) for _ in range(2)]
                 return scratch[0][:n], scratch[1][:n]
-            if pinned:  # torch's pinned allocator reuses a block once its copy to the GPU is done
-                return tuple(
-                    torch.empty((n, *shape), dtype=torch.int16, pin_memory=True).numpy().view(dtype)
-                    for _ in range(2)
-                )
+            if pinned:
+                pinned_batch[:] = [
+                    torch.empty((n, *shape), dtype=torch.int16, pin_memory=True) for _ in range(2)
+                ]
+                return pinned_batch[0].numpy().view(dtype), pinned_batch[1].numpy().view(dtype)
             return np.empty((n, *shape), dtype), np.empty((n, *shape), dtype)
 
         def emit(pool: ShuffleBuffer, drain: Drain) -> bool:
             for x, y in pool.drain(drain, arrays):
-                batch = (
-                    from_stored(x, self.activation_dtype),
-                    from_stored(y, self.activation_dtype),
-                )
+                if pinned:  # the pinned tensors themselves: torch's pinned allocator then holds
+                    # their memory until the copy to the GPU is done (a view through numpy would not)
+                    batch = (pinned_batch[0].view(bits), pinned_batch[1].view(bits))
+                else:
+                    batch = (
+                        from_stored(x, self.activation_dtype),
+                        from_stored(y, self.activation_dtype),
+                    )
                 if not put(self.widen(*batch) if widen else batch):
                     return False
             return True
