@@ -112,6 +112,11 @@ def flag_specs(config_cls: type[BaseModel]) -> list[dict]:
     return specs
 
 
+def _escape(help_: str) -> str:
+    """argparse formats help with %: a literal one (such as '5%') must be doubled."""
+    return help_.replace("%", "%%")
+
+
 def add_flag_arguments(parser: argparse.ArgumentParser, specs: list[dict]) -> None:
     """Add `flag_specs(...)` to a parser. Every default is None, so that only flags actually
     given override the --config file (and the config's own defaults fill the rest)."""
@@ -122,13 +127,13 @@ def add_flag_arguments(parser: argparse.ArgumentParser, specs: list[dict]) -> No
         if spec["kind"] == "bool":
             parser.add_argument(
                 _flag(spec["name"]), dest=spec["name"], action=argparse.BooleanOptionalAction,
-                default=None, help=spec["help"],
+                default=None, help=_escape(spec["help"]),
             )  # fmt: skip
             continue
         parser.add_argument(
             _flag(spec["name"]), dest=spec["name"], type=_TYPES[spec["type"]],
             choices=spec["choices"], nargs="+" if spec["list"] else None, default=None,
-            help=spec["help"],
+            help=_escape(spec["help"]),
         )  # fmt: skip
 
 
