@@ -12,13 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
+from waiting import wait_for
 
 from sparse_circuits.clt.harvest import HarvestConfig, harvest
 from sparse_circuits.io import load_checkpoint
@@ -75,16 +75,6 @@ def _worker(data_dir: Path, url: str, name: str, **settings) -> subprocess.Popen
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", WORKER_SCRIPT, json.dumps(cfg)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def _wait_for(what: str, predicate: Callable[[], object], timeout: float = 300.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _submit(sessions, data_dir: Path, kind: str, config: dict) -> str:
@@ -153,7 +143,7 @@ def test_a_sigkilled_worker_loses_nothing(sessions, migrated_url, data):
     killed = _submit(sessions, data, "train-clt", {**CLT, "out": "clts/killed"})
     first = _worker(data, migrated_url, "first")
     try:
-        _wait_for("the job to train a while", lambda: _progress(data, killed) >= STEPS // 4)
+        wait_for("the job to train a while", lambda: _progress(data, killed) >= STEPS // 4)
         child = _job(sessions, killed).pid
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
@@ -161,7 +151,7 @@ def test_a_sigkilled_worker_loses_nothing(sessions, migrated_url, data):
         if first.poll() is None:
             first.kill()
     # the job's own process dies with its worker: nothing runs it until the lease expires
-    _wait_for("the orphaned job process to end", lambda: not _alive(child), timeout=30)
+    wait_for("the orphaned job process to end", lambda: not _alive(child), timeout=30)
     assert _job(sessions, killed).state == "running"  # still leased to the dead worker
     assert not (data / "clts/killed/metrics.json").exists()
     reference = _submit(sessions, data, "train-clt", {**CLT, "out": "clts/reference"})
@@ -205,7 +195,7 @@ def test_sigterm_requeues_cancel_keeps_a_partial_artifact_retry_resumes(
     job_id = _submit(sessions, data, "train-clt", {**CLT, "steps": steps, "out": "clts/clt"})
     worker = _worker(data, migrated_url, "a")
     try:
-        _wait_for("the job to train a while", lambda: _progress(data, job_id) >= 20)
+        wait_for("the job to train a while", lambda: _progress(data, job_id) >= 20)
         worker.send_signal(signal.SIGTERM)  # graceful: stop at the next step, back to the queue
         assert worker.wait(timeout=120) == 0
     finally:
@@ -218,13 +208,13 @@ def test_sigterm_requeues_cancel_keeps_a_partial_artifact_retry_resumes(
 
     worker = _worker(data, migrated_url, "b", idle_exit_s=2.0)
     try:
-        _wait_for(
+        wait_for(
             "the job to run again",
             lambda: _job(sessions, job_id).pid and _progress(data, job_id) >= stopped_at + 20,
         )
         with sessions() as s:
             assert queue.cancel_job(s, job_id=job_id).cancel_requested
-        _wait_for("the job to stop", lambda: _job(sessions, job_id).state == "cancelled")
+        wait_for("the job to stop", lambda: _job(sessions, job_id).state == "cancelled")
         job = _job(sessions, job_id)
         assert 0 < job.step < steps and job.log_tail
         assert (data / "clts/clt/cancelled.json").is_file()
@@ -260,7 +250,7 @@ def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_lease_expir
     admin = migrated_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)
     name = admin[1]
     try:
-        _wait_for("the job to train", lambda: _progress(data, job_id) >= 5)
+        wait_for("the job to train", lambda: _progress(data, job_id) >= 5)
         child = _job(sessions, job_id).pid
         sessions.kw["bind"].dispose()
         with psycopg.connect(admin[0] + "/postgres", autocommit=True) as conn:
@@ -273,11 +263,11 @@ def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_lease_expir
             # 4 s (lease_s - 2 heartbeats) after its last renewal (at most 1 s before the cut)
             # the worker ends the job itself, before the 6 s lease can expire (5 s or more after
             # the cut) and another worker claim it
-            _wait_for("the job's process to end", lambda: not _alive(child), timeout=30)
+            wait_for("the job's process to end", lambda: not _alive(child), timeout=30)
             assert time.monotonic() - cut_at < 5.0
             conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         # back in touch: the lease expires, the job is claimed again and resumes
-        _wait_for("the second attempt", lambda: _job(sessions, job_id).attempts == 2)
+        wait_for("the second attempt", lambda: _job(sessions, job_id).attempts == 2)
     finally:
         worker.send_signal(signal.SIGTERM)
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from waiting import wait_for
 
 from sparse_circuits.clt.harvest import HarvestConfig, harvest
 from sparse_circuits.sparse_attention.modeldir import save_model
@@ -50,16 +51,6 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     return os.environ | {"OMP_NUM_THREADS": "1", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _answers(url: str) -> bool:
@@ -94,11 +85,11 @@ def ray_head():
     head = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        _wait(lambda: head.poll() is not None or _answers(f"{address}/api/version"), 120, "the Ray head")  # fmt: skip
+        wait_for("the Ray head", lambda: head.poll() is not None or _answers(f"{address}/api/version"), timeout=120)  # fmt: skip
         if head.poll() is not None:
             raise AssertionError(f"ray start failed:\n{(Path(temp) / 'ray-start.log').read_text()}")
         client = ray_submission.JobSubmissionClient(address)
-        _wait(lambda: client.list_jobs() is not None, 60, "the job submission API")
+        wait_for("the job submission API", lambda: client.list_jobs() is not None, timeout=60)
         yield address
     finally:
         for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
@@ -141,7 +132,7 @@ class Service:
         d = str(self.data_dir)
         self._spawn("server", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                     "--data-dir", d, "--no-worker")  # fmt: skip
-        _wait(lambda: _answers(f"{self.base}/readyz"), 90, "the server")
+        wait_for("the server", lambda: _answers(f"{self.base}/readyz"), timeout=90)
         from sparse_circuits.jobs.db import database_url, make_engine, make_sessionmaker  # noqa: PLC0415
         from sparse_circuits.server.keys import create_key  # noqa: PLC0415
 
@@ -187,7 +178,7 @@ class Service:
 
     def wait_state(self, job_id: str, states: tuple[str, ...], timeout: float) -> dict:
         try:
-            return _wait(lambda: (j := self.job(job_id))["state"] in states and j, timeout, f"job {job_id} {states}", 0.5)  # fmt: skip
+            return wait_for(f"job {job_id} {states}", lambda: (j := self.job(job_id))["state"] in states and j, timeout=timeout, interval=0.5)  # fmt: skip
         except AssertionError:
             raise AssertionError(
                 f"{self.job(job_id)}\n--- worker log\n{self.log('worker')[-6000:]}"
@@ -228,10 +219,7 @@ def test_train_clt_over_http_on_ray_killed_mid_run_equals_the_cli(service, ray_h
     t0 = time.monotonic()
     job = service.submit("train-clt", CLT_CONFIG | {"out": "clts/ray"})
     _transcript("submitted", job)
-    running = _wait(
-        lambda: (j := service.job(job["id"]))["state"] == "running" and (j["step"] or 0) >= 60 and j,
-        120, "the Ray job to pass step 60", 0.3,
-    )  # fmt: skip
+    running = wait_for("the Ray job to pass step 60", lambda: (j := service.job(job["id"]))["state"] == "running" and (j["step"] or 0) >= 60 and j, timeout=120, interval=0.3)  # fmt: skip
     _transcript("running", running)
     assert running["backend"] == "ray" and running["backend_ref"] == f"sc-{job['id']}-a1"
     pid = _runner_pid(service.data_dir, job["id"], 1)
@@ -279,7 +267,12 @@ def test_train_clt_over_http_on_ray_killed_mid_run_equals_the_cli(service, ray_h
 
 def test_cancel_over_http_stops_the_ray_job(service, ray_head):
     job = service.submit("train-clt", CLT_CONFIG | {"out": "clts/cancelled", "steps": 20000})
-    _wait(lambda: (service.job(job["id"])["step"] or 0) >= 30, 120, "the Ray job to start", 0.3)
+    wait_for(
+        "the Ray job to start",
+        lambda: (service.job(job["id"])["step"] or 0) >= 30,
+        timeout=120,
+        interval=0.3,
+    )
     service.cancel(job["id"])
     done = service.wait_state(job["id"], ("succeeded", "failed", "cancelled"), 90)
     _transcript("cancelled", done)
@@ -332,7 +325,7 @@ def test_train_clt_under_torchrun_inside_a_ray_job(service, ray_head, tmp_path):
     backend = RayBackend(ray_head, nproc=2)
     prepare_job_dir(data, "ddp", "train-clt", config, 1)
     started = backend.start(Launch("ddp", 1, data, "train-clt", config))
-    status = _wait(lambda: (s := backend.poll(started.ref)) is not None and (s,), 180, "the Ray job")[0]  # fmt: skip
+    status = wait_for("the Ray job", lambda: (s := backend.poll(started.ref)) is not None and (s,), timeout=180)[0]  # fmt: skip
     info = ray_submission.JobSubmissionClient(ray_head).get_job_info(started.ref)
     assert status == 0, info.message
     assert info.entrypoint.startswith("exec torchrun --standalone --nproc-per-node=2")
@@ -365,13 +358,15 @@ def test_a_dead_workers_ray_job_is_stopped_before_the_next_attempt(service, ray_
     prepare_job_dir(data, "orphan", "train-clt", config, 1)
     ref1 = first.start(Launch("orphan", 1, data, "train-clt", config)).ref
     progress = data / "jobs" / "orphan" / "progress.json"
-    _wait(lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 40, 120, "attempt 1 to run")  # fmt: skip
+    wait_for("attempt 1 to run", lambda: progress.is_file() and json.loads(progress.read_text())["step"] >= 40, timeout=120)  # fmt: skip
     # the first worker is gone (nothing polls ref1 any more); the second claims attempt 2
     prepare_job_dir(data, "orphan", "train-clt", config, 2)
     ref2 = second.start(Launch("orphan", 2, data, "train-clt", config)).ref
     client = ray_submission.JobSubmissionClient(ray_head)
     assert str(client.get_job_status(ref1).value) == "STOPPED"  # ended before ref2 was submitted
-    status = _wait(lambda: (s := second.poll(ref2)) is not None and (s,), 600, "attempt 2")[0]
+    status = wait_for(
+        "attempt 2", lambda: (s := second.poll(ref2)) is not None and (s,), timeout=600
+    )[0]
     assert status == 0
     outcome = json.loads((data / "jobs" / "orphan" / OUTCOME_FILE).read_text())
     assert outcome["attempt"] == 2 and outcome["state"] == "succeeded"

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 from sqlalchemy import select
+from waiting import wait_for
 
 from sparse_circuits.jobs.db import Artifact, Job, make_engine, make_sessionmaker
 
@@ -39,16 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _ready(base: str) -> bool:
@@ -131,7 +122,7 @@ def test_two_servers_two_workers_one_postgresql_survive_sigkill(database_url, tm
         for name in ("worker-a", "worker-b"):
             r.worker(name)
         for name in ("server-a", "server-b"):
-            _wait(lambda n=name: _ready(r.bases[n]), 90, f"{name} to be ready")
+            wait_for(f"{name} to be ready", lambda n=name: _ready(r.bases[n]), timeout=180)
 
         def submit(server: str, i: int) -> str:
             body = {"kind": "train-toy", "config": TOY | {"out": f"models/toy-{i}"}}
@@ -148,7 +139,7 @@ def test_two_servers_two_workers_one_postgresql_survive_sigkill(database_url, tm
                     select(Job).where(Job.worker_id == "worker-a", Job.state == "running", Job.step > 20)
                 ).first()  # fmt: skip
 
-        killed = _wait(victim, 120, "worker-a to be mid-job")
+        killed = wait_for("worker-a to be mid-job", victim, timeout=120)
         r.procs["worker-a"].send_signal(signal.SIGKILL)
         r.procs["server-a"].send_signal(signal.SIGKILL)
         print(
@@ -163,7 +154,7 @@ def test_two_servers_two_workers_one_postgresql_survive_sigkill(database_url, tm
             return all(jobs[i]["state"] in ("succeeded", "failed", "cancelled") for i in ids) and jobs  # fmt: skip
 
         try:
-            jobs = _wait(all_ended, 420, "every job to end", 1.0)
+            jobs = wait_for("every job to end", all_ended, timeout=420, interval=1.0)
         except AssertionError:
             raise AssertionError(r.log("worker-b")[-3000:] + r.log("worker-c")[-3000:]) from None
         metrics = httpx.get(f"{r.bases['worker-b']}/metrics", timeout=10).text

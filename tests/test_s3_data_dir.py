@@ -16,14 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
+from waiting import wait_for
 
 from sparse_circuits import storage
 from sparse_circuits.clt.train import TrainCLTConfig, train_clt
@@ -106,10 +105,10 @@ class Service:
         return self.client.get(f"/v1/jobs/{job_id}").json()
 
     def wait_done(self, job_id: str, timeout: float = 300.0) -> dict:
-        job = _wait_for(
+        job = wait_for(
             f"job {job_id} to end",
             lambda: (j := self.job(job_id))["state"] in ("succeeded", "failed", "cancelled") and j,
-            timeout,
+            timeout=timeout,
         )
         assert job["state"] == "succeeded", (job["error"], job["log_tail"], self.logs())
         return job
@@ -141,16 +140,6 @@ def service(tmp_path, prefix, monkeypatch, tiny_model_dir, token_file):
         yield made
     finally:
         made.close()
-
-
-def _wait_for(what: str, predicate: Callable[[], object], timeout: float = 300.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _attempts(cache: Path, job_id: str) -> list[dict]:
@@ -259,7 +248,7 @@ def test_a_job_stopped_on_one_worker_resumes_on_another_from_its_checkpoint(serv
     }))  # fmt: skip
     steps = 2000  # long enough that the stop lands mid-run on an idle machine
     job_id = service.submit("train-clt", {**CLT, "steps": steps, "out": "clts/moved"})
-    _wait_for("the job to train a while", lambda: (service.job(job_id)["step"] or 0) >= 30)
+    wait_for("the job to train a while", lambda: (service.job(job_id)["step"] or 0) >= 30)
     worker_a.send_signal(signal.SIGTERM)  # stops at the next step, uploads, requeues
     assert worker_a.wait(120) == 0
     job = service.job(job_id)
