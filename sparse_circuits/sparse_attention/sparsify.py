@@ -34,8 +34,8 @@ weights kept are fractions of the steps (`plan_run`), printed with a time estima
 weights are checked on the validation sequences (held out, and apart from the reported ones);
 the sparsest weights whose deterministic-gate CE keeps below τ_validation less the same
 margin there (and, on tasks, whose accuracy stays within `accuracy_tolerance` of dense) are
-the ones saved: the margin keeps the held-out check from being a coin flip for weights chosen
-at the edge of a noisy validation set.
+the ones saved. Weights chosen at the very edge of a noisy validation set pass the held-out
+check only by chance; a margin above 0 guards that, at a cost in sparsity.
 
 The run is split like `clt/train.py`: `sparsify` claims the output and drives the shared loop
 (`training.run_training`) over a `_Sparsifier`, whose phases are `__init__` (model, data,
