@@ -129,7 +129,7 @@ def _steps(p: Paths, device: str) -> list[Step]:
              lambda: store_complete(str(p.acts)),
              lambda: harvest(HarvestConfig(model=p.sparse, out=str(p.acts), device=device))),
         Step(f"train-clt: a cross-layer transcoder (defaults: BatchTopK, k = {DEFAULT_K}, "
-             f"{DEFAULT_EXPANSION} × d_model features a layer)", "~4 min",
+             f"up to {DEFAULT_EXPANSION} × d_model features a layer)", "~3 min",
              lambda: run_complete(p.clt),
              lambda: train_clt(TrainCLTConfig(activations=str(p.acts), out=p.clt, device=device))),
         Step("eval-clt: reconstruction, and the model with its MLPs replaced", "<1 min",

@@ -186,8 +186,13 @@ def test_defaults_are_batchtopk_with_a_default_k():
     cfg = TrainCLTConfig(activations="a", out="c")
     assert (cfg.activation, cfg.sparsity_coefficient) == ("batchtopk", 0.0)
     clt = cfg.clt_config(4, 128)
-    assert (clt.activation, clt.d_features, clt.k) == ("batchtopk", 512, 12)
-    assert cfg.clt_config(2, 16).k == 8  # at most d_features / 8 ...
+    assert (clt.activation, clt.d_features, clt.k) == ("batchtopk", 1024, 14)
+    # a store too small to train 8 × d_model features (400 tokens each, at most 20 passes)
+    # gets half, or a quarter, but no fewer
+    assert cfg.clt_config(4, 128, rows=300_000).d_features == 1024
+    assert cfg.clt_config(4, 128, rows=72_000).d_features == 512
+    assert cfg.clt_config(4, 128, rows=1_000).d_features == 256
+    assert cfg.clt_config(2, 8).k == 8  # at most d_features / 8 ...
     assert TrainCLTConfig(activations="a", out="c", d_features=32).clt_config(2, 16).k == 4
     assert (
         TrainCLTConfig(activations="a", out="c", k=30).clt_config(4, 128).k == 30

@@ -3,9 +3,13 @@ runs are sized from the corpus and the model's context, not from the addition to
 
 from __future__ import annotations
 
+import json
+
 import torch
 
+from sparse_circuits.cli import main
 from sparse_circuits.sparse_attention.sparsify import SparsifyConfig, plan_run
+from sparse_circuits.sparse_attention.toy import records_corpus
 from sparse_circuits.sparse_attention.training import size_run
 
 
@@ -28,3 +32,25 @@ def test_run_sizes_follow_the_context_and_the_data():
                     steps=None, passes=10, min_steps=1, max_steps=3000) == (12, 216)  # fmt: skip
     assert size_run(n_train=10**6, context_length=256, batch_tokens=8192, batch_size=None,
                     steps=None, passes=10, min_steps=1, max_steps=3000) == (32, 3000)  # fmt: skip
+
+
+def test_pretrain_then_sparsify_with_defaults_meets_its_tolerance(tmp_path):
+    """A user's corpus of short examples, pretrain then sparsify through the CLI: sparsify with
+    every flag at its default reaches its own tolerance on held-out text with a small fraction of
+    the causal pairs open. The corpus is small enough to be memorised (30 passes), the case where
+    λ must answer the validation checks and not only the training batches. The model is small
+    (2 layers, width 64, context 128) to keep the test short; the default-sized model on a
+    300 kB corpus is `benchmarks/sparsify_runs.py records`."""
+    corpus = tmp_path / "records.txt"
+    corpus.write_text(records_corpus(100, seed=0))
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    assert main(["pretrain", "--corpus", str(corpus), "--out", str(dense), "--n-layers", "2",
+                 "--d-model", "64", "--context-length", "128", "--vocab-size", "512"]) == 0  # fmt: skip
+    assert main(["sparsify", "--model", str(dense), "--out", str(sparse)]) == 0
+    m = json.loads((sparse / "metrics.json").read_text())
+    run = json.loads((sparse / "run.json").read_text())["config"]
+    assert run["steps"] is None and run["batch_size"] is None  # sized by the stage
+    assert m["batch_size"] * 128 <= 2048 and m["steps"] >= 300
+    assert m["within_tolerance"] and m["loss"] <= m["tau"]
+    assert m["connectivity"] < 0.02, m["connectivity"]
+    assert m["selected_step"] > m["steps"] // 2  # kept after the anneal, not the first candidate

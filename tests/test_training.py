@@ -29,6 +29,7 @@ from sparse_circuits.sparse_attention.data import (
 from sparse_circuits.sparse_attention.modeldir import load_model
 from sparse_circuits.sparse_attention.sparsify import (
     SparsifyConfig,
+    clear_excess,
     constraint_error,
     dense_reference,
     gate_offset_at,
@@ -75,6 +76,22 @@ def test_constraint_error_is_measured_in_units_of_the_slack():
     half_lm = constraint_error(3.5 + 0.035, 3.5, lm_tau)
     assert half_toy == pytest.approx(half_lm) == pytest.approx(-0.5)
     assert constraint_error(100.0, 1e-4, toy_tau) == 1.0  # a CE spike is clipped
+
+
+def test_validation_excess_counts_only_beyond_its_noise():
+    """A task's one wrong answer on a near-zero CE is noise to λ; every sequence a little worse
+    than dense (memorised training text) is a clear excess."""
+    dense = {"ce_per_sequence": torch.full((128,), 0.01, dtype=torch.float64),
+             "scored_per_sequence": torch.full((128,), 3)}  # fmt: skip
+    one_wrong = dense["ce_per_sequence"].clone()
+    one_wrong[7] += 15.0  # 15 nats on one problem: 0.039 nats per scored token
+    assert clear_excess({"ce_per_sequence": one_wrong}, dense) <= 1e-9
+    two_wrong = one_wrong.clone()
+    two_wrong[9] += 15.0
+    assert clear_excess({"ce_per_sequence": two_wrong}, dense) > 0.01
+    noise = torch.randn(128, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    everywhere = dense["ce_per_sequence"] + 0.1 + 0.01 * noise
+    assert clear_excess({"ce_per_sequence": everywhere}, dense) == pytest.approx(0.1 / 3, rel=0.05)
 
 
 def test_lambda_update_is_bounded_per_step_and_clamped():

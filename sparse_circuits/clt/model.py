@@ -516,10 +516,12 @@ class CrossLayerTranscoder(nn.Module):
         *,
         target_variance: torch.Tensor | None = None,
         dead: torch.Tensor | None = None,
+        with_preact: bool = True,
     ) -> CLTOutput:
         """inputs, targets: B,L,M. target_variance: L, the per-entry variance of each layer's
         targets (1 for normalised data; default: this batch's). dead: L,F bool (for AuxK).
-        Computes what `encode`, `activate` and `decode` do, layer-major (module docstring)."""
+        with_preact: False leaves TopK/BatchTopK's pre-activation loss at 0 (a run that does not
+        weight it). Computes what `encode`, `activate` and `decode` do, layer-major (module docstring)."""
         cfg = self.cfg
         B = inputs.shape[0]
         # L,B,F: one batched GEMM with the bias; each layer's B,F block contiguous.
@@ -543,8 +545,11 @@ class CrossLayerTranscoder(nn.Module):
                 bags = self._gated_bags(pre, features)
         else:
             features, bags, sparsity = self._select(pre, dec_norm)
-            neg_sum = pre.clamp(max=0).sum(1, dtype=torch.float32)  # L,F: -Σ_b ReLU(-pre)
-            preact = -(neg_sum * dec_norm.float()).sum()
+            if with_preact:  # a pass over L,B,F forward and another backward: only when weighted
+                neg_sum = pre.clamp(max=0).sum(1, dtype=torch.float32)  # L,F: -Σ_b ReLU(-pre)
+                preact = -(neg_sum * dec_norm.float()).sum()
+            else:
+                preact = sparsity.new_zeros(())
         sparsity, preact = sparsity / B, preact / B
         if bags is not None:
             recon = decode_selected_rows(*bags, self.W_dec, self.b_dec, B)

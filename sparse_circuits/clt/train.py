@@ -91,8 +91,9 @@ Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 # Defaults under which a run with every flag left out converges on a small store (the addition
 # toy's 72k rows: many passes) and a large one (one pass) alike; README "train-clt defaults".
 # BatchTopK fixes L0 at k whatever the store, where a JumpReLU's L0 follows λ_S and the data.
-DEFAULT_EXPANSION = 4  # d_features = 4 × d_model
-DEFAULT_K = 12
+DEFAULT_EXPANSION = 8  # d_features = 8 × d_model, on a store that can train it
+MIN_EXPANSION = 2  # ... halved on a smaller store, down to this
+DEFAULT_K = 14
 LR_WARMUP_FRACTION, LR_WARMUP_MAX = 0.05, 1000
 SPARSITY_WARMUP_FRACTION = 0.8
 DEAD_TOKENS_FRACTION, DEAD_TOKENS_MIN, DEAD_TOKENS_MAX = 0.1, 100_000, 10_000_000
@@ -109,7 +110,10 @@ class TrainCLTConfig(StoreAccess):
     out: Path = Field(description="Output CLT directory (resumed if it holds this same run).")
     # ---- the CLT (see CLTConfig)
     d_features: int | None = Field(
-        None, gt=0, description=f"Features per layer; default {DEFAULT_EXPANSION} × d_model."
+        None,
+        gt=0,
+        description=f"Features per layer; default {DEFAULT_EXPANSION} × d_model, halved (to "
+        f"{MIN_EXPANSION} × at least) while the store is too small to train that many.",
     )
     activation: Activation = Field(
         "batchtopk",
@@ -181,8 +185,11 @@ class TrainCLTConfig(StoreAccess):
         description=f"Steps over which λ_S ramps from 0; default {SPARSITY_WARMUP_FRACTION:.0%} of the "
         "steps, so the rest of the run settles at the final λ_S.",
     )
-    preact_coefficient: float = Field(
-        3e-6, ge=0, description="λ_P of the pre-activation (dead-feature) loss."
+    preact_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="λ_P of the pre-activation (dead-feature) loss; default 3e-6 for relu/jumprelu "
+        "and 0 for topk/batchtopk, whose dead features AuxK revives.",
     )
     auxk_coefficient: float = Field(
         1 / 32, ge=0, description="α of the AuxK loss (topk, batchtopk)."
@@ -230,6 +237,8 @@ class TrainCLTConfig(StoreAccess):
     def _check(self) -> TrainCLTConfig:
         if self.sparsity_coefficient is None:
             self.sparsity_coefficient = 0.0 if self.converts else 1e-3
+        if self.preact_coefficient is None:
+            self.preact_coefficient = 0.0 if self.converts else 3e-6
         return self
 
     @property
@@ -240,8 +249,18 @@ class TrainCLTConfig(StoreAccess):
     def calibration_batches(self) -> int:
         return math.ceil(self.calibration_tokens / self.batch_size)
 
-    def clt_config(self, n_layers: int, d_model: int) -> CLTConfig:
-        d_features = self.d_features or DEFAULT_EXPANSION * d_model
+    def clt_config(self, n_layers: int, d_model: int, rows: int | None = None) -> CLTConfig:
+        """The CLT to train. Left out, d_features is DEFAULT_EXPANSION × d_model, halved (down
+        to MIN_EXPANSION × d_model) while a store of `rows` read max_passes times cannot give
+        each of the L × F features its tokens_per_feature tokens."""
+        d_features = self.d_features
+        if d_features is None:
+            d_features = DEFAULT_EXPANSION * d_model
+            fed = None if rows is None else self.max_passes * rows
+            while fed and d_features > MIN_EXPANSION * d_model and (
+                self.tokens_per_feature * n_layers * d_features > fed
+            ):
+                d_features //= 2
         k = self.k
         if k is None and self.converts:  # a small dictionary keeps its features sparse
             k = max(1, min(DEFAULT_K, d_features // 8))
@@ -402,7 +421,7 @@ def train_clt(config: TrainCLTConfig) -> Path:
                 f"{config.activations} holds {probe.n_rows} rows: not one batch of {config.batch_size}"
             )
         n_layers, d_model = probe.stats["inputs_mean"].shape
-        n_features = n_layers * config.clt_config(n_layers, d_model).d_features
+        n_features = n_layers * config.clt_config(n_layers, d_model, probe.n_rows).d_features
         # Ranks may hold different row counts, so the fewest batches make a pass.
         per_pass = int(
             _all_reduce(torch.tensor(len(probe), device=device), world, dist.ReduceOp.MIN)
@@ -470,7 +489,7 @@ def _train(
     _, _, local_rank = dist_env()
     device = resolve_device(config.device, local_rank)
     n_layers, d_model = stats["inputs_mean"].shape
-    clt_cfg = config.clt_config(n_layers, d_model)
+    clt_cfg = config.clt_config(n_layers, d_model, rows)
     out = Path(config.out)
     with distributed(device) as (rank, world):
         if config.batch_size % world:
@@ -656,8 +675,9 @@ class _Trainer:
         use_autocast = cfg.autocast and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
             o = self.ddp(
-                inputs, targets, target_variance=self.ones, dead=dead if use_auxk else None
-            )
+                inputs, targets, target_variance=self.ones,
+                dead=dead if use_auxk else None, with_preact=cfg.preact_coefficient > 0,
+            )  # fmt: skip
         loss = (
             o.nmse
             + lam * o.sparsity
@@ -670,7 +690,8 @@ class _Trainer:
         self.opt.step()
 
         with torch.no_grad():
-            counts = (o.features != 0).sum(0)  # L,F: tokens each feature fired on
+            # L,F: tokens each feature fired on (an int32 sum: a quarter of int64's time on CPU)
+            counts = (o.features != 0).sum(0, dtype=torch.int32)
             self.tokens_since_fired = update_dead_counters(
                 self.tokens_since_fired, counts > 0, cfg.batch_size, self.world
             )

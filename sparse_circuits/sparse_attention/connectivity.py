@@ -21,22 +21,28 @@ def evaluate(
     *,
     batch_size: int = 64,
     task: str | None = None,
+    per_sequence: bool = False,
 ) -> dict:
-    """Mean CE over scored targets (and exact-match accuracy for tasks); gate statistics if gates are on."""
+    """Mean CE over scored targets (and exact-match accuracy for tasks); gate statistics if gates
+    are on; with `per_sequence`, each sequence's summed CE and scored-token count too (tensors)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     T = inputs.shape[1]
     ce_sum, n_scored, correct = 0.0, 0, 0
     open_edges = empty = None
+    sequence_ce, sequence_scored = [], []
     for i in range(0, inputs.shape[0], batch_size):
         x, y = inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device)
         out = model(x)
         ce = torch.nn.functional.cross_entropy(
-            out.logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum"
-        )
-        ce_sum += ce.item()
+            out.logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="none"
+        ).view(y.shape)
+        ce_sum += ce.sum().item()
         n_scored += int((y != -100).sum())
+        if per_sequence:
+            sequence_ce.append(ce.sum(1).double().cpu())
+            sequence_scored.append((y != -100).sum(1).cpu())
         if task is not None:
             correct += int(exact_match(out.logits, y).sum())
         if out.gate_stats is not None:
@@ -51,6 +57,9 @@ def evaluate(
     result: dict = {"loss": ce_sum / max(n_scored, 1), "context_length": T, "sequences": n}
     if task is not None:
         result["accuracy"] = correct / n
+    if per_sequence:
+        result["ce_per_sequence"] = torch.cat(sequence_ce)
+        result["scored_per_sequence"] = torch.cat(sequence_scored)
     if open_edges is not None:
         conn = open_edges / (n * causal_pair_count(T))  # L,H
         kpq = open_edges / (n * T)

@@ -20,7 +20,12 @@ pure integrator on a lagging signal oscillates); clipping e bounds any one step'
 Three τ, each from the dense model's CE on the data it is compared on:
     τ_batch       each training batch's, from the dense CE on that same batch: drives λ (a
                   held-out τ would compare a memorised training stream with unseen text)
-    τ_validation  on the validation sequences: chooses the weights kept (below)
+    τ_validation  on the validation sequences: chooses the weights kept (below); at each
+                  check after the anneal, its error (from the CE excess over dense less one
+                  standard error over sequences, `clear_excess`) joins λ's input until the
+                  next: e = max(e_batch, e_validation). A small training set is memorised
+                  over many passes, and its batches then meet the constraint while unseen
+                  text does not; a task's few wrong answers on a near-zero CE stay noise
     τ_held-out    on the reported held-out sequences: `tau` and `within_tolerance` in
                   metrics.json, beside the held-out `loss` they judge
 
@@ -30,17 +35,17 @@ exactly. The run is sized in tokens, not sequences: `batch_tokens` becomes seque
 model's context, steps follow the data's size, and warm-up, anneal and the checks of the
 weights kept are fractions of the steps (`plan_run`), printed with a time estimate.
 
-λ can overshoot in either direction, so after annealing, every `select_every` steps the
-weights are checked on the validation sequences (held out, and apart from the reported ones);
-the sparsest weights whose deterministic-gate CE keeps below τ_validation less the same
-margin there (and, on tasks, whose accuracy stays within `accuracy_tolerance` of dense) are
-the ones saved. Weights chosen at the very edge of a noisy validation set pass the held-out
+λ can overshoot in either direction, so after the anneal, every `select_every` steps the
+weights are checked on the validation sequences (held out, and apart from the reported
+ones), and the sparsest weights whose deterministic-gate CE keeps below τ_validation less
+the same margin there (and, on tasks, whose accuracy stays within `accuracy_tolerance` of
+dense) are the ones saved. Weights chosen at the very edge of a noisy validation set pass the held-out
 check only by chance; a margin above 0 guards that, at a cost in sparsity.
 
 The run is split like `clt/train.py`: `sparsify` claims the output and drives the shared loop
 (`training.run_training`) over a `_Sparsifier`, whose phases are `__init__` (model, data,
-dense baselines), `step` (one update, from `constraint_loss` and `update_lambda`), `select`
-(the weights kept) and `finish` (final weights, metrics, the model dir).
+dense baselines), `step` (one update, from `constraint_loss` and `update_lambda`), `check`
+(the validation check and the weights kept) and `finish` (final weights, metrics, the model dir).
 """
 
 from __future__ import annotations
@@ -115,6 +120,13 @@ class SparsifyConfig(OptimConfig):
     )
     lambda_ema: float = Field(
         0.9, ge=0, lt=1, description="EMA decay of the violation the proportional term sees."
+    )
+    lambda_validation: bool = Field(
+        True,
+        description="λ also answers the validation checks: the larger of a batch's constraint "
+        "error and the last check's (its excess over dense less one standard error) drives it "
+        "(a small training set is memorised, and its batches meet the constraint while unseen "
+        "text does not).",
     )
     lambda_min: float = Field(1e-3, gt=0, description="Lower clamp of λ.")
     lambda_max: float = Field(1e4, gt=0, description="Upper clamp of λ.")
@@ -210,6 +222,19 @@ def update_lambda(
     error_ema = cfg.lambda_ema * error_ema + (1 - cfg.lambda_ema) * error
     log_lambda = min(hi, max(lo, integral + cfg.lambda_kp * error_ema))
     return math.exp(log_lambda), integral, error_ema
+
+
+def clear_excess(check: dict, dense: dict, z: float = 1.0) -> float:
+    """The sparse model's CE excess over the dense one on the same sequences (per token), less
+    z standard errors of it over sequences: what of the excess is clear of noise. One sequence
+    gone wrong on a near-zero CE (a task's wrong answer) has a standard error as large as its
+    excess, so at z = 1 it counts for nothing; every sequence a little worse (memorised
+    training text) has a small one."""
+    diff = check["ce_per_sequence"] - dense["ce_per_sequence"]  # per sequence, summed CE
+    tokens = float(dense["scored_per_sequence"].sum())
+    n = diff.numel()
+    noise = float(diff.std()) * math.sqrt(n) / tokens if n > 1 else 0.0
+    return float(diff.sum()) / tokens - z * noise
 
 
 CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 2048, 16384
@@ -331,7 +356,7 @@ def sparsify(cfg: SparsifyConfig) -> Path:
         out=out,
         step_fn=run.step,
         extra_state=run.state,
-        after_step=run.select,
+        after_step=run.check,
         desc=f"sparsify {out.name}",
     )
     return run.finish()
@@ -382,7 +407,7 @@ class _Sparsifier:
         log.info(
             "dense CE on the held-out set %.4f: τ_held-out = %.4f", self.dense["loss"], self.tau
         )
-        self.dense_val = self._evaluate(*self.val) if len(self.val[0]) else {}
+        self.dense_val = self._evaluate(*self.val, per_sequence=True) if len(self.val[0]) else {}
         self.tau_val = (
             tolerance(self.dense_val["loss"], cfg.tolerance_rel, cfg.tolerance_abs)
             if self.dense_val
@@ -411,12 +436,13 @@ class _Sparsifier:
             "lambda": cfg.lambda_init,
             "integral": math.log(cfg.lambda_init),
             "error_ema": 0.0,
+            "validation_error": -1.0,  # the last validation check's, beyond its noise
             "best_step": -1,
             "best_connectivity": 2.0,
         }
 
-    def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        return evaluate(self.model, x, y, batch_size=self.cfg.eval_batch_size, task=self.task)
+    def _evaluate(self, x: torch.Tensor, y: torch.Tensor, **kw) -> dict:
+        return evaluate(self.model, x, y, batch_size=self.cfg.eval_batch_size, task=self.task, **kw)
 
     # ------------------------------------------------------------------ the phases
 
@@ -442,6 +468,9 @@ class _Sparsifier:
         lam_used, dense_ce = state["lambda"], dense_out.loss.item()
         batch_tau = tolerance(dense_ce, cfg.tolerance_rel, cfg.tolerance_abs)
         error = constraint_error(hard_ce, dense_ce, batch_tau, cfg.tolerance_margin)
+        # A small training set is memorised: its batches meet the constraint while unseen text
+        # does not. The last validation check then stands above the batch, and drives λ.
+        error = max(error, state["validation_error"])
         state["lambda"], state["integral"], state["error_ema"] = update_lambda(
             state["integral"], state["error_ema"], error, cfg
         )
@@ -454,6 +483,7 @@ class _Sparsifier:
             "tau": batch_tau,
             "lambda": lam_used,
             "constraint_error": error,
+            "validation_error": state["validation_error"],
             "gate_offset": offset,
             "open": open_fraction.item(),
             "hard_connectivity": (hard_edges / causal_pair_count(T)).mean().item(),
@@ -461,13 +491,21 @@ class _Sparsifier:
             "kl": kl.item(),
         }
 
-    def select(self, step: int) -> None:
-        """Keep the sparsest weights that meet the constraint on the validation sequences."""
+    def check(self, step: int) -> None:
+        """Every `select_every` steps after the anneal, the validation sequences judge the
+        deterministic-gate model: their constraint error joins λ's input, and the sparsest
+        weights within τ_validation are kept."""
         cfg, state = self.cfg, self.state
+        # not while b anneals: the CE overshoots then, and recovers
         if len(self.val[0]) == 0 or step < self.anneal_steps or (step + 1) % cfg.select_every:
             return
         self.model.set_gate("hard", 0.0)
-        check = self._evaluate(*self.val)
+        check = self._evaluate(*self.val, per_sequence=True)
+        if cfg.lambda_validation:
+            state["validation_error"] = constraint_error(
+                self.dense_val["loss"] + clear_excess(check, self.dense_val),
+                self.dense_val["loss"], self.tau_val, cfg.tolerance_margin,
+            )  # fmt: skip
         if is_better_candidate(
             check, tau=self.tau_val_kept, best_connectivity=state["best_connectivity"],
             dense_accuracy=self.dense_val.get("accuracy") if self.task is not None else None,
