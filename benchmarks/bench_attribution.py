@@ -167,6 +167,7 @@ def measure(job: dict) -> dict:
     graph = attribute(model=model, clt=clt, prompt=prompt, tokenizer=tokenizer, clt_info=clt_info,
                       max_feature_nodes=job["max_feature_nodes"], batch_size=job["batch_size"])  # fmt: skip
     t1 = time.perf_counter()
+    graph_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     pruned = prune(graph)
     scores = graph_scores(graph, pruned.edge_mask)
     full_scores = graph_scores(graph)
@@ -183,6 +184,7 @@ def measure(job: dict) -> dict:
         "graph_s": round(t1 - t0, 2), "prune_s": round(t2 - t1, 2), "attention_s": round(t3 - t2, 2),
         "total_s": round(t3 - t0, 2),
         "peak_rss_gib": round(peak / 2**30, 3), "added_gib": round((peak - before) / 2**30, 3),
+        "graph_peak_rss_gib": round(graph_peak / 2**30, 3),
         "active_features": graph.n_active_features, "feature_nodes": graph.n_features, "edges": graph.n_edges,
         "pruned_nodes": int(pruned.node_mask.sum()), "pruned_edges": int(pruned.edge_mask.sum()),
         "edges_for_80pct": count_for_coverage(pruned.edge_scores, 0.8),
