@@ -29,9 +29,9 @@ from sparse_circuits.sparse_attention.data import (
 from sparse_circuits.sparse_attention.modeldir import load_model
 from sparse_circuits.sparse_attention.sparsify import (
     SparsifyConfig,
-    clear_excess,
     constraint_error,
     dense_reference,
+    excess_over_dense,
     gate_offset_at,
     tolerance,
     update_lambda,
@@ -83,15 +83,20 @@ def test_validation_excess_counts_only_beyond_its_noise():
     than dense (memorised training text) is a clear excess."""
     dense = {"ce_per_sequence": torch.full((128,), 0.01, dtype=torch.float64),
              "scored_per_sequence": torch.full((128,), 3)}  # fmt: skip
+
+    def clear(ce):  # the excess less one standard error, as λ sees it
+        excess, noise = excess_over_dense({"ce_per_sequence": ce}, dense)
+        return excess - noise
+
     one_wrong = dense["ce_per_sequence"].clone()
     one_wrong[7] += 15.0  # 15 nats on one problem: 0.039 nats per scored token
-    assert clear_excess({"ce_per_sequence": one_wrong}, dense) <= 1e-9
+    assert clear(one_wrong) <= 1e-9
     two_wrong = one_wrong.clone()
     two_wrong[9] += 15.0
-    assert clear_excess({"ce_per_sequence": two_wrong}, dense) > 0.01
+    assert clear(two_wrong) > 0.01
     noise = torch.randn(128, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     everywhere = dense["ce_per_sequence"] + 0.1 + 0.01 * noise
-    assert clear_excess({"ce_per_sequence": everywhere}, dense) == pytest.approx(0.1 / 3, rel=0.05)
+    assert clear(everywhere) == pytest.approx(0.1 / 3, rel=0.05)
 
 
 def test_lambda_update_is_bounded_per_step_and_clamped():

@@ -216,7 +216,8 @@ class QKContext:
         self, rm: ReplacementModel, run: PromptRun, sources: SourceTable, batch_size: int = 64
     ):
         self.rm, self.run, self.sources = rm, run, sources
-        self.prefixes = PrefixGraphs(rm, run, batch_size)
+        # one backward row per dimension of a head: a batch wider than d_head only holds memory
+        self.prefixes = PrefixGraphs(rm, run, min(batch_size, rm.cfg.d_head))
         bias_run = FrozenGraph(rm, run, 1, sources="bias")
         self.bias = {t: v.detach() for t, v in bias_run.taps.items()}  # forward values only
         self.ids = column_ids(sources, run.tokens.cpu())
