@@ -160,6 +160,9 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
          "--log-every", "1", "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # a terminal's Ctrl-C: under a shell that started these tests in the background, SIGINT
+        # arrives ignored, and Python would not turn it into KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists():
