@@ -38,11 +38,12 @@ def evaluate(
         ce = torch.nn.functional.cross_entropy(
             out.logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="none"
         ).view(y.shape)
+        scored = y != -100
         ce_sum += ce.sum().item()
-        n_scored += int((y != -100).sum())
+        n_scored += int(scored.sum())
         if per_sequence:
             sequence_ce.append(ce.sum(1).double().cpu())
-            sequence_scored.append((y != -100).sum(1).cpu())
+            sequence_scored.append(scored.sum(1).cpu())
         if task is not None:
             correct += int(exact_match(out.logits, y).sum())
         if out.gate_stats is not None:

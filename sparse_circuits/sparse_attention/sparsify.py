@@ -72,7 +72,7 @@ from .hooks import capture
 from .model import GateConfig, GatedImpl, ModelOutput, Transformer, causal_pair_count
 from .modeldir import load_model, save_model
 from .plots import plot_attention_patterns, plot_training_curves
-from .training import OptimConfig, autocast, run_training, size_run
+from .training import OptimConfig, autocast, run_training, size_run, warmup_for
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def plan_run(
         update={
             "batch_size": batch_size,
             "steps": steps,
-            "warmup_steps": steps // 20 if cfg.warmup_steps is None else cfg.warmup_steps,
+            "warmup_steps": warmup_for(steps, cfg.warmup_steps),
             "select_every": cfg.select_every or max(1, steps // 30),
         }
     )

@@ -15,7 +15,7 @@ from .connectivity import evaluate
 from .data import DataSpec, TokenData, build_data, load_texts, save_data_spec, train_bpe_tokenizer
 from .model import ModelConfig, Transformer
 from .modeldir import save_model
-from .training import OptimConfig, autocast, run_training, size_run
+from .training import OptimConfig, autocast, run_training, size_run, warmup_for
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         update={
             "batch_size": batch_size,
             "steps": steps,
-            "warmup_steps": steps // 20 if cfg.warmup_steps is None else cfg.warmup_steps,
+            "warmup_steps": warmup_for(steps, cfg.warmup_steps),
         }
     )
     log.info(

@@ -96,6 +96,11 @@ def size_run(
     return batch_size, steps
 
 
+def warmup_for(steps: int, warmup_steps: int | None) -> int:
+    """The learning-rate warm-up of a run sized by `size_run`: a twentieth of it, unless given."""
+    return steps // 20 if warmup_steps is None else warmup_steps
+
+
 def autocast(device: str | torch.device):
     """bf16 autocast on CUDA; nothing on CPU, where it is slower than fp32."""
     if torch.device(device).type == "cuda":
