@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -15,6 +16,11 @@ from sparse_circuits.sparse_attention.model import GateConfig, ModelConfig, Tran
 from sparse_circuits.sparse_attention.modeldir import save_model
 
 TINY_VOCAB, TINY_BOS, TINY_SEQ_LEN = 50, 0, 16
+
+# Eager attention tiles in the tests (and the CLIs they start): compiling them repays itself
+# over a training run, not over a test of a few steps. test_gated_attention.py checks the
+# compiled tiles explicitly.
+os.environ.setdefault("SPARSE_CIRCUITS_COMPILE", "0")
 
 
 def tiny_transformer(

@@ -116,7 +116,9 @@ def test_tanh_penalty_defaults_to_zero_for_the_topk_family(tmp_path):
         TrainCLTConfig(activations="a", out="c", activation="batchtopk", k=4).sparsity_coefficient
         == 0
     )
-    assert TrainCLTConfig(activations="a", out="c", activation="jumprelu").sparsity_coefficient == 1e-3
+    assert (
+        TrainCLTConfig(activations="a", out="c", activation="jumprelu").sparsity_coefficient == 1e-3
+    )
     assert TrainCLTConfig(activations="a", out="c", activation="topk", k=4,
                           sparsity_coefficient=1e-4).sparsity_coefficient == 1e-4  # fmt: skip
     source = Planted(64)

@@ -58,7 +58,12 @@ def test_the_sparsify_docstring_states_the_taus_and_lambda_a_run_uses(tmp_path):
     """τ_batch (each batch's dense CE) drives λ through the PI step on the constraint in units
     of its slack; τ_held-out is the `tau` metrics.json reports beside the held-out loss."""
     doc = sparsify_module.__doc__
-    for name in ("τ_batch", "τ_validation", "τ_held-out", "(CE_hard − τ'_batch) / (τ'_batch − CE_dense,batch)"):
+    for name in (
+        "τ_batch",
+        "τ_validation",
+        "τ_held-out",
+        "(CE_hard − τ'_batch) / (τ'_batch − CE_dense,batch)",
+    ):
         assert name in doc, name
     dense, out = tmp_path / "dense", tmp_path / "sparse"
     assert main(["train-toy", "--out", str(dense), "--steps", "30", "--lr", "3e-3", *TINY]) == 0

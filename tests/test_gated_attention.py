@@ -57,6 +57,7 @@ def run(fn, q, k, v, w, c):
 # ----------------------------------------------------------------------------- the operation
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("mode", ["stochastic", "hard"])
 @pytest.mark.parametrize(
     "B,H,K,T,D,block_q,block_k",
@@ -67,7 +68,9 @@ def run(fn, q, k, v, w, c):
         (2, 2, 1, 5, 16, None, None),  # shorter than one default tile
     ],
 )
-def test_operation_equals_reference(mode, B, H, K, T, D, block_q, block_k):
+def test_operation_equals_reference(mode, B, H, K, T, D, block_q, block_k, compile):
+    """Eager tiles, and tiles fused by torch.compile (training's default; the tests' default
+    is eager, see conftest.py), against the materialised pattern."""
     q, k, v = qkv(B, H, K, T, D)
     w = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1))
     c = torch.randn(B, H, generator=torch.Generator().manual_seed(2))  # a loss on the statistic
@@ -80,10 +83,12 @@ def test_operation_equals_reference(mode, B, H, K, T, D, block_q, block_k):
 
     def tiled():
         return gated_attention(
-            q, k, v, offset=offset, mode=mode, seed=SEED, block_q=block_q, block_k=block_k
-        )
+            q, k, v, offset=offset, mode=mode, seed=SEED, block_q=block_q, block_k=block_k,
+            compile=compile,
+        )  # fmt: skip
 
     want, got = run(ref, q, k, v, w, c), run(tiled, q, k, v, w, c)
+    assert "failed" not in ga._COMPILED, f"torch.compile failed: {ga._COMPILED.get('failed')}"
     torch.testing.assert_close(got[0], want[0], **TOL)  # output
     torch.testing.assert_close(got[1], want[1], **TOL)  # expected open fraction
     assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])  # counts

@@ -123,7 +123,9 @@ def test_lambda_controller_settles_on_a_lagging_constraint():
     target, felt = math.log(30.0), 0.0  # the λ that holds CE at τ; the λ the weights reflect
     integral, ema, trace = 0.0, 0.0, []
     for _ in range(3000):
-        lam_log = min(math.log(cfg.lambda_max), max(math.log(cfg.lambda_min), integral + cfg.lambda_kp * ema))
+        lam_log = min(
+            math.log(cfg.lambda_max), max(math.log(cfg.lambda_min), integral + cfg.lambda_kp * ema)
+        )
         felt += (lam_log - felt) / 100
         noise = 0.2 * torch.randn((), generator=rng).item()
         error = max(-1.0, min(1.0, 0.5 * (target - felt) + noise))

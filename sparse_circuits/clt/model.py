@@ -236,66 +236,85 @@ def batchtopk_activation(
 
 
 class GatedPenaltiesFunction(torch.autograd.Function):
-    """ReLU/JumpReLU features and the sums of both penalties in one pass-lean function:
+    """ReLU/JumpReLU features and the sums of both penalties, sparse wherever it can be:
         a = pre · 1[pre > θ]                       (θ = 0 for ReLU)
         S = Σ tanh(c · a · n)      P = Σ ReLU(-pre) · n      (n: decoder norms L,F; sums over L,B,F)
     Backward, with g = ∂/∂a + ∂S · c·n·(1 - tanh²) the gradient reaching a:
         ∂pre = g · 1[pre > θ] - ∂P · n · 1[pre < 0]           (θ > 0: the two never overlap)
         ∂θ   = -(θ/ε) Σ_b g · K((pre - θ)/ε)                  (JumpReLU's straight-through)
         ∂n   = ∂S · c · Σ_b a · (1 - tanh²) + ∂P · Σ_b ReLU(-pre)
+    One pass over pre finds the "near" entries, pre > θ - ε/2 (ReLU: pre > 0): the active ones
+    and JumpReLU's window below θ. Everything but a, P and ∂pre then runs over those alone
+    (a few percent of L·B·F), g included: it is needed on near entries only. Also returns the
+    near entries' flat positions l·B·F + b·F + f, sorted: the rows the sparse decoder reads.
     """
 
     @staticmethod
     def forward(ctx, pre, threshold, dec_norm, c: float, bandwidth: float):
         L, B, F = pre.shape
-        th = threshold.unsqueeze(1) if threshold is not None else 0.0  # L,1,F
-        on = pre > th  # L,B,F
-        a = pre * on
-        # tanh(c·a·n) is 0 where a is: the sparsity penalty needs the active entries only,
-        # gathered flat (tanh is the dearest elementwise op here). In float32 at least.
-        acc = torch.promote_types(pre.dtype, torch.float32)
-        active = on.view(-1).nonzero().squeeze(1)  # N flat positions l·B·F + b·F + f
-        norm_index = active // (B * F) * F + active % F  # N: l·F + f
+        acc = torch.promote_types(pre.dtype, torch.float32)  # the sums in float32 at least
+        flat = pre.view(-1)
+        cut = 0.0 if threshold is None else (threshold - bandwidth / 2).unsqueeze(1)  # L,1,F
+        near = (pre > cut).view(-1).nonzero().squeeze(1)  # sorted flat positions
+        norm_near = near // (B * F) * F + near % F  # l·F + f
+        pre_near = flat[near]
+        if threshold is None:
+            on_near = in_window = None  # every near entry is active; no window
+            active, norm_index, a_active = near, norm_near, pre_near
+        else:
+            th_near = threshold.view(-1)[norm_near]
+            on_near = pre_near > th_near
+            in_window = pre_near < th_near + bandwidth / 2  # and above θ - ε/2: |pre - θ| < ε/2
+            active, norm_index, a_active = near[on_near], norm_near[on_near], pre_near[on_near]
+        a = torch.zeros_like(pre)
+        a.view(-1)[active] = a_active
         cn = c * dec_norm.to(acc).view(-1)[norm_index]  # N
-        t = torch.mul(a.view(-1)[active].to(acc), cn).tanh_()  # N
+        t = torch.mul(a_active.to(acc), cn).tanh_()  # tanh(c·a·n), 0 off the active entries
         sparsity = t.sum()
         neg_sum = pre.clamp(max=0).sum(1, dtype=acc).neg_()  # L,F: Σ_b ReLU(-pre)
         preact = (neg_sum * dec_norm.to(acc)).sum()
-        ctx.save_for_backward(pre, threshold, dec_norm, on, a, active, norm_index, t, neg_sum)
+        ctx.save_for_backward(
+            pre, threshold, dec_norm, near, norm_near, on_near, in_window,
+            active, norm_index, a_active, t, neg_sum,
+        )  # fmt: skip
         ctx.c, ctx.bandwidth = c, bandwidth
-        ctx.mark_non_differentiable(on)
-        return a, sparsity, preact
+        ctx.mark_non_differentiable(near)
+        return a, sparsity, preact, near
 
     @staticmethod
-    def backward(ctx, grad_a, grad_s, grad_p):
-        pre, threshold, dec_norm, on, a, active, norm_index, t, neg_sum = ctx.saved_tensors
+    def backward(ctx, grad_a, grad_s, grad_p, _grad_near):
+        pre, threshold, dec_norm, near, norm_near, on_near, in_window, *rest = ctx.saved_tensors
+        active, norm_index, a_active, t, neg_sum = rest
         c, eps = ctx.c, ctx.bandwidth
         L, B, F = pre.shape
         acc = t.dtype
-        n = dec_norm.to(acc)
-        # g = grad_a + ∂S·c·n·(1 - t²): ∂S·c·n everywhere (t = 0 off the active entries),
-        # less ∂S·c·n·t² on them.
-        g = (grad_s * c * n).unsqueeze(1).expand(L, B, F)
-        g = (g + grad_a if grad_a is not None else g).contiguous()  # L,B,F, our own buffer
-        cn = c * n.view(-1)[norm_index]  # N
-        t2 = t * t
-        g.view(-1).index_add_(0, active, (-grad_s * cn * t2).to(g.dtype))
+        n = dec_norm.to(acc).view(-1)
+        gsc = (grad_s if grad_s is not None else t.new_zeros(())) * c
+        # g on the near entries: ∂/∂a + ∂S·c·n, less ∂S·c·n·t² on the active ones
+        g = gsc * n[norm_near]
+        if grad_a is not None:
+            g = g + grad_a.reshape(-1)[near].to(acc)
+        g_active = (g if on_near is None else g[on_near]) - gsc * n[norm_index] * t * t
         grad_threshold = None
         if threshold is not None and ctx.needs_input_grad[1]:
-            th = threshold.unsqueeze(1)
-            window = (pre - th).abs_() < eps / 2  # K((pre - θ)/ε) = 1
-            window_sum = (g * window).sum(1)  # L,F (a mask multiply: torch.where is slower on CPU)
-            grad_threshold = (-(threshold / eps) * window_sum).to(threshold.dtype)
-        grad_pre = g.mul_(on)
-        grad_pre.addcmul_(pre < 0, n.unsqueeze(1).to(g.dtype), value=-float(grad_p))
-        grad_pre = grad_pre.to(pre.dtype)
+            g[on_near] = g_active
+            window_sum = torch.zeros(L * F, dtype=acc, device=pre.device)
+            window_sum.index_add_(0, norm_near[in_window], g[in_window])
+            grad_threshold = (-(threshold / eps) * window_sum.view(L, F)).to(threshold.dtype)
+        if grad_p is not None and float(grad_p) != 0:  # -∂P·n where pre < 0 (uint8: no bool cast)
+            negative = (pre < 0).view(torch.uint8)
+            grad_pre = torch.mul(negative, (-grad_p * n).view(L, 1, F).to(pre.dtype))
+        else:
+            grad_pre = torch.zeros_like(pre)
+        grad_pre.view(-1)[active] = g_active.to(pre.dtype)  # pre > θ ≥ 0 there: no overlap
         grad_norm = None
-        if ctx.needs_input_grad[2]:
-            # Σ_b a·(1 - t²), over the active entries
-            a_sech2 = a.view(-1)[active].to(acc) * (1 - t2)
-            sech2_sum = torch.zeros(L * F, dtype=acc, device=a.device)
-            sech2_sum = sech2_sum.index_add_(0, norm_index, a_sech2).view(L, F)
-            grad_norm = (c * grad_s * sech2_sum + grad_p * neg_sum).to(dec_norm.dtype)
+        if ctx.needs_input_grad[2]:  # Σ_b a·(1 - t²) over the active entries, Σ_b ReLU(-pre)
+            sech2_sum = torch.zeros(L * F, dtype=acc, device=pre.device)
+            sech2_sum.index_add_(0, norm_index, a_active.to(acc) * (1 - t * t))
+            grad_norm = gsc * sech2_sum.view(L, F)
+            if grad_p is not None:
+                grad_norm = grad_norm + grad_p * neg_sum
+            grad_norm = grad_norm.to(dec_norm.dtype)
         return grad_pre, grad_threshold, grad_norm, None, None
 
 
@@ -538,11 +557,11 @@ class CrossLayerTranscoder(nn.Module):
         dec_norm = self.decoder_norms()  # L,F
         bags = None
         if cfg.activation in ("relu", "jumprelu"):
-            features, sparsity, preact = GatedPenaltiesFunction.apply(
+            features, sparsity, preact, near = GatedPenaltiesFunction.apply(
                 pre, self.threshold, dec_norm, cfg.sparsity_c, cfg.bandwidth
             )
             if self.sparse_decode != "never":
-                bags = self._gated_bags(pre, features)
+                bags = self._gated_bags(near, features)
         else:
             features, bags, sparsity = self._select(pre, dec_norm)
             if with_preact:  # a pass over L,B,F forward and another backward: only when weighted
@@ -571,19 +590,18 @@ class CrossLayerTranscoder(nn.Module):
         """L,B,F (layer-major) -> B,L,M without bias."""
         return DenseDecodeFunction.apply(features, *self.W_dec)
 
-    def _gated_bags(self, pre: torch.Tensor, features: torch.Tensor):
+    def _gated_bags(self, used: torch.Tensor, features: torch.Tensor):
         """ReLU/JumpReLU features (L,B,F) as bags for `decode_selected_rows`, or None where
         the dense decoder is due ('auto' and more than SPARSE_DECODE_MAX_DENSITY of them in
-        the bags). The bags hold every entry whose feature gradient is used: the active ones
-        and, for JumpReLU's threshold gradient, those in the window below θ (pre > θ - ε/2,
+        the bags). The bags hold every entry whose feature gradient is used (`used`, flat
+        positions l·B·F + b·F + f, sorted: GatedPenaltiesFunction's near entries): the active
+        ones and, for JumpReLU's threshold gradient, those in the window below θ (pre > θ - ε/2,
         with weight 0)."""
-        L, B, F = pre.shape
-        cfg = self.cfg
-        cut = 0.0
-        if cfg.activation == "jumprelu":
-            cut = (self.threshold.detach() - cfg.bandwidth / 2).unsqueeze(1)  # L,1,F
-        used = (pre.detach() > cut).view(-1).nonzero().squeeze(1)  # l·B·F + b·F + f, sorted
-        if self.sparse_decode == "auto" and used.numel() > SPARSE_DECODE_MAX_DENSITY * pre.numel():
+        L, B, F = features.shape
+        if (
+            self.sparse_decode == "auto"
+            and used.numel() > SPARSE_DECODE_MAX_DENSITY * features.numel()
+        ):
             return None
         values = features.view(-1)[used]
         per_layer = torch.bincount(used // (B * F), minlength=L).tolist()
