@@ -245,3 +245,35 @@ def test_a_hooked_pattern_takes_the_reference_path_under_tiled():
             hooked = model(tokens).logits
     assert seen["blocks.1.attn.hook_pattern"].shape == (2, 4, 19, 19)
     torch.testing.assert_close(plain, hooked, **TOL)
+
+
+def test_training_compiles_the_tiles_unless_told_otherwise(monkeypatch):
+    q = torch.zeros(1, 1, 4, 8, requires_grad=True)
+    monkeypatch.delenv(ga.COMPILE_ENV, raising=False)
+    assert ga.compile_by_default(q)  # training
+    with torch.no_grad():
+        assert not ga.compile_by_default(q)  # inference: eager
+    assert not ga.compile_by_default(q.detach())
+    monkeypatch.setenv(ga.COMPILE_ENV, "0")
+    assert not ga.compile_by_default(q)
+    monkeypatch.setenv(ga.COMPILE_ENV, "1")
+    with torch.no_grad():
+        assert ga.compile_by_default(q)
+
+
+def test_a_failing_compile_warns_and_runs_the_eager_tiles(monkeypatch):
+    def no_compiler(fn, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return fails
+
+    monkeypatch.setattr(ga, "_COMPILED", {})  # this test's own compile state
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    q, k, v = qkv(1, 2, 2, 9, 8)
+    want = gated_attention(q, k, v, offset=0.0, mode="stochastic", seed=3, compile=False)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        got = gated_attention(q, k, v, offset=0.0, mode="stochastic", seed=3, compile=True)
+    torch.testing.assert_close(got.out, want.out, atol=0, rtol=0)
+    got.out.sum().backward()  # the backward, too, runs eagerly now
+    assert isinstance(ga._COMPILED["failed"], RuntimeError)
