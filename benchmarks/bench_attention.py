@@ -74,7 +74,7 @@ from sparse_circuits.sparse_attention.model import (  # noqa: E402
 )
 
 MiB = 2**20
-DEFAULT_REPEATS = {256: 10, 1024: 5, 2048: 3, 4096: 2}  # fewer at long T: a run of minutes
+DEFAULT_REPEATS = {256: 20, 1024: 10, 2048: 9, 4096: 4}  # medians: a single slow run moves no ratio
 MODEL_REPEATS = 3
 
 
@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=None,
-        help="timed runs per variant (default: 10/5/3 by T for a layer, 3 for the model)",
+        help="timed runs per variant (default: 20/10/9/4 by T for a layer, 3 for the model)",
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
