@@ -20,7 +20,9 @@ What is compared, on the same model, tokens and store:
              S3 with one `s3fs` `cat` of all of them (concurrent requests)
 Reads are timed on the local store and on a copy of it in an S3 test server (moto, in its
 own process, on loopback). Local reads hit the page cache (the store was just written), so
-they compare the readers' work against a file read, not disks.
+they compare the readers' work against a file read, not disks; with --cold (root: it writes
+/proc/sys/vm/drop_caches) the page cache is dropped before every timed local read, one pass
+each, so every contender reads from the disk, as a store larger than memory is read.
 Each round runs every contender once, alternated (so a neighbour's load on a shared machine
 hits all alike), and each figure is its best round; load averages are recorded per round.
 The model is random (throughput does not depend on the weights); pass --model to time a
@@ -96,6 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--harvest-rounds", type=int, default=1, help="harvests, each between two forwards"
     )
     ap.add_argument("--no-s3", action="store_true", help="leave out the S3 test server")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before every timed local read (root; one pass per read)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument(
@@ -304,8 +311,22 @@ def repeat(read: Callable[[], int], passes: int) -> Callable[[], int]:
     return lambda: sum(read() for _ in range(passes))
 
 
-def time_reads(contenders: dict[str, Callable[[], int] | str], rounds: int) -> dict[str, dict]:
-    """Best GB/s of each contender over alternated rounds (a str: why it did not run)."""
+def drop_page_cache() -> None:
+    """Write dirty pages out and drop the clean ones, so the next read comes from the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold drops the page cache, which needs root: {e}") from None
+
+
+def time_reads(
+    contenders: dict[str, Callable[[], int] | str],
+    rounds: int,
+    before: Callable[[], None] | None = None,
+) -> dict[str, dict]:
+    """Best GB/s of each contender over alternated rounds (a str: why it did not run);
+    `before` runs ahead of each timed read, untimed."""
     out: dict[str, dict] = {
         name: {"gbps": None, "rounds": [], "note": fn}
         for name, fn in contenders.items()
@@ -319,6 +340,8 @@ def time_reads(contenders: dict[str, Callable[[], int] | str], rounds: int) -> d
             if out[name]["note"]:
                 continue
             try:
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 n = fn()
                 gbps = n / (time.perf_counter() - t0) / 1e9
@@ -401,7 +424,7 @@ def markdown(rows: list[dict]) -> str:
 
 def read_rows(where: str, reads: dict[str, dict]) -> list[dict]:
     raw = reads["raw read"]["gbps"]
-    name = "raw file read" if where == "local" else "raw S3 read (s3fs cat)"
+    name = "raw file read" if where.startswith("local") else "raw S3 read (s3fs cat)"
     rows = []
     for what in ("ours", "zarr-python", "zarrs", "tensorstore", "loader 16-bit", "loader float32"):
         got = reads[what]
@@ -458,7 +481,10 @@ def main(argv=None) -> None:
         forward_best = max(f["bare"] for f in forwards)
         blocks_best = max(f["blocks"] for f in forwards)
 
-        local = time_reads(read_contenders(str(store), None, args, device), args.rounds)
+        if args.cold:  # each timed read one pass from the disk
+            args.passes = 1
+        before = drop_page_cache if args.cold else None
+        local = time_reads(read_contenders(str(store), None, args, device), args.rounds, before)
         remote = None
         if not args.no_s3:
             with s3_server() as endpoint:
@@ -488,13 +514,14 @@ def main(argv=None) -> None:
             "store_bytes": store_bytes,
             "passes": args.passes,
             "rounds": args.rounds,
+            "cold": args.cold,
             "load_average_start_end": [load_start, load()],
         }
         rows = [
             {"what": "harvest throughput", "value": harvest_tps, "baseline": forward_best, "baseline_name": "bare forward", "unit": "tokens/s", "ratio": harvest_tps / forward_best},
             {"what": "harvest throughput", "value": harvest_tps, "baseline": blocks_best, "baseline_name": "forward to the last MLP", "unit": "tokens/s", "ratio": harvest_tps / blocks_best},
         ]  # fmt: skip
-        rows += read_rows("local", local)
+        rows += read_rows("local, page cache dropped" if args.cold else "local", local)
         if remote is not None:
             rows += read_rows("S3", remote)
         write_json(

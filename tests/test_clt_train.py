@@ -30,6 +30,7 @@ from sparse_circuits.clt.train import (
     warn_if_too_short,
 )
 from sparse_circuits.io import load_checkpoint, read_json
+from sparse_circuits.progress import ProgressSink, install_sink
 
 
 class SparseDictionary:
@@ -280,6 +281,23 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     for key in m_ref:
         assert m_got[key] == pytest.approx(m_ref[key], rel=1e-6), key
     assert run(cfg, data) == cfg.out  # a finished run is left as it is
+
+
+def test_a_run_killed_after_its_last_checkpoint_reports_its_steps_on_resume(tmp_path):
+    """A job whose process died between the last checkpoint and metrics.json resumes at the
+    end: its progress must still say so (a worker records the job's steps from it)."""
+    data = SparseDictionary()
+    cfg = config(tmp_path / "run", steps=20, checkpoint_every=10, eval_steps=5)
+    run(cfg, data)
+    (cfg.out / "metrics.json").unlink()  # as if killed before the run's last file
+    reports: list[tuple[int, int | None]] = []
+    install_sink(ProgressSink(report=lambda step, total, desc: reports.append((step, total))))
+    try:
+        run(cfg, data)
+    finally:
+        install_sink(None)
+    assert reports and reports[-1] == (20, 20)
+    assert (cfg.out / "metrics.json").exists()
 
 
 def test_another_run_in_the_same_directory_is_refused(trained_run):

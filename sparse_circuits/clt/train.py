@@ -609,7 +609,9 @@ class _Trainer:
 
     def run(self, batches: Batches) -> None:
         resumed = self.try_resume()
-        if self.step >= self.steps:
+        if self.step >= self.steps:  # a run killed after its last checkpoint: still say so
+            self.prepare()
+            self.bar.close()
             return
         it = iter(batches(self.step))
         if not resumed:
