@@ -153,19 +153,44 @@ def _causal_bias(i0: int, i1: int, j0: int, j1: int, G: int, device, cache: dict
     return cache[key]
 
 
-def _key_blocks(i0: int, i1: int, block_k: int):
-    """Key blocks a query block [i0, i1) sees: (j0, j1, needs a causal mask)."""
-    for j0 in range(0, i1, block_k):
-        j1 = min(j0 + block_k, i1)
-        yield j0, j1, j1 - 1 > i0
-
-
 class _Layout(NamedTuple):
     B: int
     K: int
     G: int
     T: int
     D: int
+
+
+class _Tiles:
+    """What a pass over the tiles needs besides q, k and v, forward and backward alike: the
+    noise keys (None for hard gates) and the causal biases, one per tile shape and diagonal."""
+
+    def __init__(self, lay: _Layout, stochastic: bool, seed: int, compiled: bool, device):
+        self.lay, self.compiled, self.device = lay, compiled, device
+        self.biases: dict = {}
+        self.head_keys = self.column_keys = None
+        if stochastic:
+            head_keys = _head_keys(seed, lay.B, lay.K * lay.G, device)
+            self.head_keys = head_keys.view(lay.B, lay.K, lay.G, 1, 1)
+            self.column_keys = _column_keys(torch.arange(lay.T, device=device))
+
+    def row_keys(self, i0: int, i1: int) -> torch.Tensor | None:
+        """The noise keys of query block [i0, i1)'s rows: B,K,R,1 (None: hard gates)."""
+        if self.head_keys is None:
+            return None
+        pos = torch.arange(i0, i1, device=self.device)
+        return _row_keys(self.head_keys, pos[:, None]).view(self.lay.B, self.lay.K, -1, 1)
+
+    def key_blocks(self, i0: int, i1: int, block_k: int):
+        """Key blocks a query block [i0, i1) sees: (j0, j1, causal bias or None, the block's
+        noise column keys or None). Compiled tiles get a bias on every block, zeros where no
+        key lies after a query, so that one kernel serves them all."""
+        for j0 in range(0, i1, block_k):
+            j1 = min(j0 + block_k, i1)
+            bias = None
+            if j1 - 1 > i0 or self.compiled:
+                bias = _causal_bias(i0, i1, j0, j1, self.lay.G, self.device, self.biases)
+            yield j0, j1, bias, None if self.column_keys is None else self.column_keys[j0:j1]
 
 
 def _rows(x: torch.Tensor, lay: _Layout, i0: int, i1: int) -> torch.Tensor:
@@ -182,8 +207,7 @@ def _step(x: torch.Tensor) -> torch.Tensor:
 # One key block of one query block, forward and backward. The caller loops over the tiles;
 # these hold every elementwise step, so `torch.compile` can fuse a tile's dozen passes over
 # its R x tk scores into a few loops (see `_tile_functions`). bias: the causal mask, or None
-# where the whole tile is causal (compiled tiles always get one, zeros there, so that one
-# kernel serves every tile). row_keys None: hard gates.
+# where the whole tile is causal (see `_Tiles.key_blocks`). row_keys None: hard gates.
 
 
 def _forward_tile(qb, kb, vb, bias, offset: float, row_keys, column_keys, state):
@@ -276,11 +300,7 @@ def _forward(
     sig_sum = torch.zeros(B, K, lay.G, dtype=f32, device=q.device)
     open_edges = torch.zeros(B, K, lay.G, dtype=torch.int64, device=q.device)
     empty = torch.zeros(B, K, lay.G, dtype=torch.int64, device=q.device)
-    biases: dict = {}
-    row_keys = column_keys = None
-    if stochastic:
-        head_keys = _head_keys(seed, B, H, q.device).view(B, K, lay.G, 1, 1)
-        column_keys = _column_keys(torch.arange(T, device=q.device))
+    tiles = _Tiles(lay, stochastic, seed, compiled, q.device)
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
         tq = i1 - i0
@@ -289,16 +309,8 @@ def _forward(
         zeros = torch.zeros(B, K, R, 1, dtype=f32, device=q.device)
         m = torch.full((B, K, R, 1), float("-inf"), dtype=f32, device=q.device)
         state = (m, zeros, torch.zeros(B, K, R, D, dtype=f32, device=q.device), zeros, zeros)
-        if stochastic:
-            pos = torch.arange(i0, i1, device=q.device)
-            row_keys = _row_keys(head_keys, pos[:, None]).view(B, K, R, 1)
-        for j0, j1, masked in _key_blocks(i0, i1, block_k):
-            bias = (
-                _causal_bias(i0, i1, j0, j1, lay.G, q.device, biases)
-                if masked or compiled
-                else None
-            )
-            cols = column_keys[j0:j1] if stochastic else None
+        row_keys = tiles.row_keys(i0, i1)
+        for j0, j1, bias, cols in tiles.key_blocks(i0, i1, block_k):
             state = tile(qb, kf[:, :, j0:j1], vf[:, :, j0:j1], bias, offset, row_keys, cols, state)
         m, denom, acc, row_sig, row_open = state
         out[:, :, :, i0:i1] = (acc / denom).view(B, K, lay.G, tq, D)  # no open key: stays 0
@@ -344,16 +356,13 @@ def _backward(
     dq = torch.zeros(B, K, lay.G, T, D, dtype=f32, device=q.device)
     dk = torch.zeros(B, K, T, D, dtype=f32, device=q.device)
     dv = torch.zeros(B, K, T, D, dtype=f32, device=q.device)
-    dob = neg_delta_b = d_sig_b = row_keys = column_keys = None
+    dob = neg_delta_b = d_sig_b = None
     if d_out is not None:
         d_out = d_out.to(f32).view(B, K, lay.G, T, D)
         delta = (d_out * out.to(f32).view(B, K, lay.G, T, D)).sum(-1)  # B,K,G,T: dO_i . o_i
     if d_expected is not None:  # dE/count per (b, h), broadcast over a block's positions
         d_sig = (d_expected.to(f32) / (T * (T + 1) // 2)).view(B, K, lay.G, 1)
-    biases: dict = {}
-    if stochastic:
-        head_keys = _head_keys(seed, B, H, q.device).view(B, K, lay.G, 1, 1)
-        column_keys = _column_keys(torch.arange(T, device=q.device))
+    tiles = _Tiles(lay, stochastic, seed, compiled, q.device)
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
         tq = i1 - i0
@@ -366,17 +375,9 @@ def _backward(
             neg_delta_b = _rows(delta[..., None], lay, i0, i1).neg()  # B,K,R,1
         if d_expected is not None:
             d_sig_b = d_sig.expand(B, K, lay.G, tq).reshape(B, K, R, 1)
-        if stochastic:
-            pos = torch.arange(i0, i1, device=q.device)
-            row_keys = _row_keys(head_keys, pos[:, None]).view(B, K, R, 1)
-        for j0, j1, masked in _key_blocks(i0, i1, block_k):
+        row_keys = tiles.row_keys(i0, i1)
+        for j0, j1, bias, cols in tiles.key_blocks(i0, i1, block_k):
             kb, vb = kf[:, :, j0:j1], vf[:, :, j0:j1]
-            bias = (
-                _causal_bias(i0, i1, j0, j1, lay.G, q.device, biases)
-                if masked or compiled
-                else None
-            )
-            cols = column_keys[j0:j1] if stochastic else None
             ds, dvb = tile(
                 qb, kb, vb, bias, offset, row_keys, cols, lse_b, dob, neg_delta_b, d_sig_b
             )

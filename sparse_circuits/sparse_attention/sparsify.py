@@ -504,8 +504,8 @@ class _Sparsifier:
             return
         self.model.set_gate("hard", 0.0)
         check = self._evaluate(*self.val, per_sequence=True)
-        excess, noise = excess_over_dense(check, self.dense_val)
         if cfg.lambda_validation:  # what of the excess is clear of noise drives λ
+            excess, noise = excess_over_dense(check, self.dense_val)
             state["validation_error"] = constraint_error(
                 self.dense_val["loss"] + excess - noise,
                 self.dense_val["loss"], self.tau_val, cfg.tolerance_margin,
