@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
+from gloo import free_port, gloo_rank
 
 from sparse_circuits.clt import train as clt_train
 from sparse_circuits.clt.cltdir import load_clt
@@ -168,18 +167,8 @@ def test_one_log_truncator_and_one_schedule_serve_both_training_loops(tmp_path):
 # ----------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, results: str, cfg_json: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
+    with gloo_rank(rank, world, port):
         pre = torch.randn(16, L, 32, generator=torch.Generator().manual_seed(0))
         share = pre[rank * 8 : (rank + 1) * 8]
         got = {s: batchtopk_activation(share, 3, s, distributed=True) for s in ("layer", "all")}
@@ -194,14 +183,12 @@ def _ddp_worker(rank: int, world: int, port: int, results: str, cfg_json: str) -
         cfg = TrainCLTConfig.model_validate_json(cfg_json)
         source = Planted(64, rank=rank, world=world)
         _train(cfg, source, source.stats, steps=cfg.steps)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_batchtopk_under_ddp_selects_over_the_global_batch(tmp_path):
     cfg = config(tmp_path / "ddp", steps=4, checkpoint_every=4)
     torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, _free_port(), str(tmp_path), cfg.model_dump_json()), nprocs=2
+        _ddp_worker, args=(2, free_port(), str(tmp_path), cfg.model_dump_json()), nprocs=2
     )
     pre = torch.randn(16, L, 32, generator=torch.Generator().manual_seed(0))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

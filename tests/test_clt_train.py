@@ -10,11 +10,10 @@ import math
 import multiprocessing
 import os
 import signal
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
+from gloo import free_port, gloo_rank
 
 from sparse_circuits.cli import main
 from sparse_circuits.clt.cltdir import load_clt
@@ -309,23 +308,8 @@ def test_another_run_in_the_same_directory_is_refused(trained_run):
 # ----------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, results: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
+    with gloo_rank(rank, world, port):
         # Each rank sees its own feature fire; both must count it as alive.
         fired = torch.zeros(2, 4, dtype=torch.bool)
         fired[0, rank] = True
@@ -333,8 +317,6 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, results: str) -
         torch.save(counters, os.path.join(results, f"counters_{rank}.pt"))
         cfg = TrainCLTConfig.model_validate_json(cfg_json)
         run(cfg, SparseDictionary(), rank=rank, world=world)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_match_one_process_of_the_same_global_batch(tmp_path):
@@ -352,7 +334,7 @@ def test_two_gloo_ranks_match_one_process_of_the_same_global_batch(tmp_path):
     single = run(config(tmp_path / "single", **kw), data)
     cfg = config(tmp_path / "ddp", **kw)
     torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, _free_port(), cfg.model_dump_json(), str(tmp_path)), nprocs=2
+        _ddp_worker, args=(2, free_port(), cfg.model_dump_json(), str(tmp_path)), nprocs=2
     )
 
     expected = torch.tensor([[0, 0, 17, 17], [17, 17, 17, 17]])

@@ -376,10 +376,14 @@ def distributed(device: torch.device):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    finished = False
     try:
         yield rank, world
+        finished = True
     finally:
         if owned:
+            if finished:  # no rank closes its connections while another still uses them
+                dist.barrier()
             dist.destroy_process_group()
 
 
