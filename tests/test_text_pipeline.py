@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from sparse_circuits.cli import main
-from sparse_circuits.sparse_attention.sparsify import SparsifyConfig, plan_run
+from sparse_circuits.sparse_attention.sparsify import (
+    SparsifyConfig,
+    plan_run,
+    split_heldout_sequences,
+)
 from sparse_circuits.sparse_attention.toy import records_corpus
 from sparse_circuits.sparse_attention.training import size_run
 
@@ -19,9 +24,17 @@ def test_run_sizes_follow_the_context_and_the_data():
     toy = plan_run(cfg, n_train=9000, context_length=9, device=cpu)
     lm = plan_run(cfg, n_train=100_000, context_length=256, device=cpu)
     lm1k = plan_run(cfg, n_train=100_000, context_length=1024, device=torch.device("meta"))
-    assert toy.batch_size == 2048 // 9 and lm.batch_size == 8 and lm1k.batch_size == 16
-    assert lm.steps == 1000 == toy.steps  # 30 passes, at most 1000 steps
-    assert toy.warmup_steps == toy.steps // 20 and toy.select_every == toy.steps // 30
+    assert lm.batch_size == 8 and lm1k.batch_size == 16
+    assert lm.steps == 1000  # 30 passes, at most 1000 steps
+    # a short context: at most 64 sequences a step, and the cap on steps grows to match
+    assert toy.batch_size == 64 and toy.steps == int(1000 * 2048 / (64 * 9))
+    assert lm.lr == 4e-4 == lm1k.lr and toy.lr == pytest.approx(4e-4 * (64 * 9 / 2048) ** 0.5)
+    assert toy.warmup_steps == toy.steps // 20 and lm.select_every == lm.steps // 30
+    assert toy.select_every == 1000 // 30  # checks as many steps apart as at 1000 steps
+    # the weights kept are chosen on what the reported sequences leave, up to 32,768 tokens
+    assert split_heldout_sequences(1000, 9, cfg) == (512, 488)  # the toy's held-out tenth
+    assert split_heldout_sequences(5000, 256, cfg) == (512, 128)
+    assert split_heldout_sequences(200, 256, cfg) == (100, 100)  # a small set: half and half
     small = plan_run(cfg, n_train=60, context_length=256, device=cpu)
     assert small.batch_size == 3 and small.steps == 600  # ≥ 20 steps a pass; 30 passes
     mine = plan_run(cfg.model_copy(update={"batch_size": 5, "steps": 7, "warmup_steps": 0}),

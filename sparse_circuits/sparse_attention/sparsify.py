@@ -72,7 +72,7 @@ from .hooks import capture
 from .model import GateConfig, GatedImpl, ModelOutput, Transformer, causal_pair_count
 from .modeldir import load_model, save_model
 from .plots import plot_attention_patterns, plot_training_curves
-from .training import OptimConfig, autocast, run_training, size_run, warmup_for
+from .training import OptimConfig, autocast, batch_for, run_training, steps_for, warmup_for
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,11 @@ class SparsifyConfig(OptimConfig):
     batch_size: int | None = Field(
         None, gt=0, description="Sequences per step; overrides --batch-tokens."
     )
-    lr: float = Field(
-        4e-4, gt=0, description="The biggest lever: too high and the noisy-gate CE spikes."
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="The biggest lever: too high and the noisy-gate CE spikes. Default: 4e-4 at "
+        "2048 tokens a step or more, less by the square root of the tokens below that.",
     )
     warmup_steps: int | None = Field(
         None, ge=0, description="Linear learning-rate warm-up; default: a twentieth of the steps."
@@ -161,10 +164,11 @@ class SparsifyConfig(OptimConfig):
         512, gt=0, description="Held-out sequences for τ and the final metrics."
     )
     eval_batch_size: int = Field(64, gt=0, description="Sequences per evaluation forward pass.")
-    select_sequences: int = Field(
-        128,
+    select_sequences: int | None = Field(
+        None,
         ge=0,
-        description="Held-out sequences, apart from the reported ones, for choosing the final weights.",
+        description="Held-out sequences, apart from the reported ones, for choosing the final "
+        "weights; default: what the reported ones leave, up to 32768 tokens' worth (at least 128).",
     )
     select_every: int | None = Field(
         None,
@@ -239,8 +243,28 @@ def excess_over_dense(check: dict, dense: dict) -> tuple[float, float]:
     return float(diff.sum()) / tokens, noise
 
 
+SELECT_TOKENS, MIN_SELECT_SEQUENCES = 32768, 128
+
+
+def split_heldout_sequences(
+    n_held: int, context_length: int, cfg: SparsifyConfig
+) -> tuple[int, int]:
+    """(reported, validation) sequences of a held-out set of `n_held`. The validation
+    sequences choose the weights kept and hold the accuracy bar, so they take what the
+    reported ones leave, up to SELECT_TOKENS tokens (on a task of a few scored tokens per
+    sequence, 128 sequences cannot tell 0.5 % accuracy from noise); a small held-out set is
+    shared half and half, so the weights are chosen apart from the reported sequences even then."""
+    wanted = cfg.select_sequences
+    if wanted is None:
+        wanted = max(MIN_SELECT_SEQUENCES, SELECT_TOKENS // context_length)
+    n_eval = min(cfg.eval_sequences, n_held - min(wanted, MIN_SELECT_SEQUENCES, n_held // 2))
+    return n_eval, min(wanted, n_held - n_eval)
+
+
 CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 2048, 16384
 PASSES, MIN_STEPS, MAX_STEPS = 30, 300, 1000
+MAX_BATCH_SEQUENCES = 64
+LR, LR_TOKENS = 4e-4, 2048
 
 
 def plan_run(
@@ -250,24 +274,37 @@ def plan_run(
     sequences per step from the token budget and the context, steps from the data's size
     (PASSES passes, within MIN_STEPS..MAX_STEPS: the controller needs a few hundred steps to
     settle, and more rarely pays), warm-up and the checks of the kept weights as fractions of
-    the steps (the anneal already is one, `gate_offset_anneal`)."""
-    batch_size, steps = size_run(
-        n_train=n_train,
-        context_length=context_length,
-        batch_tokens=cfg.batch_tokens
-        or (CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS),
-        batch_size=cfg.batch_size,
-        steps=cfg.steps,
-        passes=PASSES,
-        min_steps=MIN_STEPS,
-        max_steps=MAX_STEPS,
+    the steps (the anneal already is one, `gate_offset_anneal`).
+
+    At a short context the budget would buy hundreds of sequences a step. What sparsity a run
+    reaches is set by its updates, not its tokens (moving a circuit onto fewer heads takes
+    many small steps), so a step takes at most MAX_BATCH_SEQUENCES and the cap on steps
+    grows in proportion, up to 4 × MAX_STEPS: the run reads the same tokens in more updates.
+    The checks of the kept weights stay as many steps apart as in a run of MAX_STEPS (a check's
+    violation holds λ up until the next).
+    A step of fewer than LR_TOKENS tokens takes a learning rate smaller by the square root of
+    their ratio (its gradient is noisier: at 4e-4 and 576 tokens a step, the addition toy's
+    CE stayed above τ for 2,000 steps of one seed's run, and λ wound up to 5,000)."""
+    batch_tokens = cfg.batch_tokens or (
+        CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS
     )
+    batch_size = cfg.batch_size or batch_for(
+        n_train, context_length, batch_tokens, MAX_BATCH_SEQUENCES
+    )
+    # > 1 where the batch is capped: more steps, each check of the kept weights as many apart
+    more_steps = min(4.0, max(1.0, batch_tokens / (batch_size * context_length)))
+    steps = cfg.steps or steps_for(
+        n_train, batch_size, passes=PASSES, min_steps=MIN_STEPS,
+        max_steps=int(MAX_STEPS * more_steps),
+    )  # fmt: skip
+    lr = cfg.lr or LR * min(1.0, math.sqrt(batch_size * context_length / LR_TOKENS))
     return cfg.model_copy(
         update={
             "batch_size": batch_size,
             "steps": steps,
+            "lr": lr,
             "warmup_steps": warmup_for(steps, cfg.warmup_steps),
-            "select_every": cfg.select_every or max(1, steps // 30),
+            "select_every": cfg.select_every or max(1, round(steps / (30 * more_steps))),
         }
     )
 
@@ -385,18 +422,16 @@ class _Sparsifier:
         self.cfg = cfg = plan_run(cfg, data.train_inputs.shape[0], data.context_length, device)
         log.info(
             "plan: %d tokens per step (%d sequences of %d), %d steps (%.1f passes over %d "
-            "training sequences); learning-rate warm-up %d steps, gate offset annealed over %d, "
+            "training sequences); learning rate %.2g, warm-up %d steps, gate offset annealed over %d, "
             "the weights kept checked every %d steps after that",
             cfg.batch_size * data.context_length, cfg.batch_size, data.context_length, cfg.steps,
             cfg.steps * cfg.batch_size / data.train_inputs.shape[0], data.train_inputs.shape[0],
-            cfg.warmup_steps, int(cfg.gate_offset_anneal * cfg.steps), cfg.select_every,
+            cfg.lr, cfg.warmup_steps, int(cfg.gate_offset_anneal * cfg.steps), cfg.select_every,
         )  # fmt: skip
         self.task = data.spec.task
-        # A small held-out set is shared half and half, so that the weights kept are chosen
-        # on sequences apart from the reported ones even then.
-        n_held = data.heldout_inputs.shape[0]
-        n_select = min(cfg.select_sequences, n_held // 2)
-        n_eval = min(cfg.eval_sequences, n_held - n_select)
+        n_eval, n_select = split_heldout_sequences(
+            data.heldout_inputs.shape[0], data.context_length, cfg
+        )
         self.held = (data.heldout_inputs[:n_eval], data.heldout_targets[:n_eval])
         end = n_eval + n_select
         self.val = (data.heldout_inputs[n_eval:end], data.heldout_targets[n_eval:end])

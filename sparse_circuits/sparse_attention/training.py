@@ -75,6 +75,22 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, steps: int, min_lr_ratio: 
     )
 
 
+def batch_for(
+    n_train: int, context_length: int, batch_tokens: int, max_batch_size: int | None = None
+) -> int:
+    """Sequences per step of a run sized in tokens: `batch_tokens` as whole sequences of the
+    context (at most `max_batch_size`), but at least 20 steps per pass over a small corpus."""
+    batch_size = min(batch_tokens // context_length, n_train // 20, max_batch_size or n_train)
+    return max(1, batch_size)
+
+
+def steps_for(
+    n_train: int, batch_size: int, *, passes: float, min_steps: int, max_steps: int
+) -> int:
+    """`passes` over the `n_train` training sequences, within min..max steps."""
+    return min(max_steps, max(min_steps, math.ceil(passes * n_train / batch_size)))
+
+
 def size_run(
     *,
     n_train: int,
@@ -86,13 +102,13 @@ def size_run(
     min_steps: int,
     max_steps: int,
 ) -> tuple[int, int]:
-    """(sequences per step, steps) of a run sized in tokens, for what the user left open:
-    `batch_tokens` as whole sequences of the context, but at least 20 steps per pass over a
-    small corpus; `passes` over the `n_train` training sequences, within min..max steps."""
+    """(sequences per step, steps) for what the user left open (`batch_for`, `steps_for`)."""
     if batch_size is None:
-        batch_size = max(1, min(batch_tokens // context_length, n_train // 20))
+        batch_size = batch_for(n_train, context_length, batch_tokens)
     if steps is None:
-        steps = min(max_steps, max(min_steps, math.ceil(passes * n_train / batch_size)))
+        steps = steps_for(
+            n_train, batch_size, passes=passes, min_steps=min_steps, max_steps=max_steps
+        )
     return batch_size, steps
 
 
