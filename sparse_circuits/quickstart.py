@@ -122,7 +122,7 @@ def _steps(p: Paths, device: str) -> list[Step]:
         Step("train-toy: a dense 4-layer model on 2-digit addition", "~3 min",
              lambda: run_complete(p.dense),
              lambda: train_toy(ToyTrainConfig(out=p.dense, device=device))),
-        Step("sparsify: sparse attention post-training", "~5 min",
+        Step("sparsify: sparse attention post-training", "~6-9 min",
              lambda: run_complete(p.sparse),
              lambda: sparsify(SparsifyConfig(model=p.dense, out=p.sparse, device=device))),
         Step("harvest: the sparsified model's MLP inputs and outputs into zarr", "<1 min",
