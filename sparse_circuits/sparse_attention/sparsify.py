@@ -106,8 +106,8 @@ class SparsifyConfig(OptimConfig):
     lr: float | None = Field(
         None,
         gt=0,
-        description="The biggest lever: too high and the noisy-gate CE spikes. Default: 4e-4 at "
-        "2048 tokens a step or more, less by the square root of the tokens below that.",
+        description="The biggest lever: too high and the noisy-gate CE spikes. Default: 4e-4, "
+        "less by the square root of the tokens a step gives up to the cap of 64 sequences.",
     )
     warmup_steps: int | None = Field(
         None, ge=0, description="Linear learning-rate warm-up; default: a twentieth of the steps."
@@ -264,7 +264,7 @@ def split_heldout_sequences(
 CPU_BATCH_TOKENS, ACCELERATOR_BATCH_TOKENS = 2048, 16384
 PASSES, MIN_STEPS, MAX_STEPS = 30, 300, 1000
 MAX_BATCH_SEQUENCES = 64
-LR, LR_TOKENS = 4e-4, 2048
+LR = 4e-4
 
 
 def plan_run(
@@ -282,29 +282,30 @@ def plan_run(
     grows in proportion, up to 4 × MAX_STEPS: the run reads the same tokens in more updates.
     The checks of the kept weights stay as many steps apart as in a run of MAX_STEPS (a check's
     violation holds λ up until the next).
-    A step of fewer than LR_TOKENS tokens takes a learning rate smaller by the square root of
-    their ratio (its gradient is noisier: at 4e-4 and 576 tokens a step, the addition toy's
-    CE stayed above τ for 2,000 steps of one seed's run, and λ wound up to 5,000)."""
+    Such a step takes a learning rate smaller by the square root of the tokens it gave up (its
+    gradient is noisier: at 4e-4 and 576 tokens a step, the addition toy's CE stayed above τ
+    for 2,000 steps of one seed's run, and λ wound up to 5,000)."""
     batch_tokens = cfg.batch_tokens or (
         CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS
     )
-    batch_size = cfg.batch_size or batch_for(
-        n_train, context_length, batch_tokens, MAX_BATCH_SEQUENCES
-    )
-    # > 1 where the batch is capped: more steps, each check of the kept weights as many apart
-    more_steps = min(4.0, max(1.0, batch_tokens / (batch_size * context_length)))
+    uncapped = cfg.batch_size or batch_for(n_train, context_length, batch_tokens)
+    batch_size = min(uncapped, MAX_BATCH_SEQUENCES) if cfg.batch_size is None else uncapped
+    # > 1 where the cap binds: more steps, a smaller learning rate, checks as many steps apart
+    more_steps, lr = 1.0, cfg.lr or LR
+    if batch_size < uncapped:
+        more_steps = min(4.0, batch_tokens / (batch_size * context_length))
+        lr = cfg.lr or LR * math.sqrt(batch_size * context_length / batch_tokens)
     steps = cfg.steps or steps_for(
         n_train, batch_size, passes=PASSES, min_steps=MIN_STEPS,
         max_steps=int(MAX_STEPS * more_steps),
     )  # fmt: skip
-    lr = cfg.lr or LR * min(1.0, math.sqrt(batch_size * context_length / LR_TOKENS))
     return cfg.model_copy(
         update={
             "batch_size": batch_size,
             "steps": steps,
             "lr": lr,
             "warmup_steps": warmup_for(steps, cfg.warmup_steps),
-            "select_every": cfg.select_every or max(1, round(steps / (30 * more_steps))),
+            "select_every": cfg.select_every or max(1, int(steps / (30 * more_steps))),
         }
     )
 
