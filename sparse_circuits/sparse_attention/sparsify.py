@@ -288,13 +288,13 @@ def plan_run(
     batch_tokens = cfg.batch_tokens or (
         CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS
     )
-    uncapped = cfg.batch_size or batch_for(n_train, context_length, batch_tokens)
-    batch_size = min(uncapped, MAX_BATCH_SEQUENCES) if cfg.batch_size is None else uncapped
-    # > 1 where the cap binds: more steps, a smaller learning rate, checks as many steps apart
-    more_steps, lr = 1.0, cfg.lr or LR
-    if batch_size < uncapped:
+    uncapped = batch_for(n_train, context_length, batch_tokens)
+    batch_size = cfg.batch_size or min(uncapped, MAX_BATCH_SEQUENCES)
+    # where the cap binds: more steps, a smaller learning rate, checks as many steps apart
+    more_steps, lr = 1.0, LR
+    if cfg.batch_size is None and batch_size < uncapped:
         more_steps = min(4.0, batch_tokens / (batch_size * context_length))
-        lr = cfg.lr or LR * math.sqrt(batch_size * context_length / batch_tokens)
+        lr = LR * math.sqrt(batch_size * context_length / batch_tokens)
     steps = cfg.steps or steps_for(
         n_train, batch_size, passes=PASSES, min_steps=MIN_STEPS,
         max_steps=int(MAX_STEPS * more_steps),
@@ -303,7 +303,7 @@ def plan_run(
         update={
             "batch_size": batch_size,
             "steps": steps,
-            "lr": lr,
+            "lr": cfg.lr or lr,
             "warmup_steps": warmup_for(steps, cfg.warmup_steps),
             "select_every": cfg.select_every or max(1, int(steps / (30 * more_steps))),
         }

@@ -75,13 +75,10 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, steps: int, min_lr_ratio: 
     )
 
 
-def batch_for(
-    n_train: int, context_length: int, batch_tokens: int, max_batch_size: int | None = None
-) -> int:
+def batch_for(n_train: int, context_length: int, batch_tokens: int) -> int:
     """Sequences per step of a run sized in tokens: `batch_tokens` as whole sequences of the
-    context (at most `max_batch_size`), but at least 20 steps per pass over a small corpus."""
-    batch_size = min(batch_tokens // context_length, n_train // 20, max_batch_size or n_train)
-    return max(1, batch_size)
+    context, but at least 20 steps per pass over a small corpus."""
+    return max(1, min(batch_tokens // context_length, n_train // 20))
 
 
 def steps_for(
